@@ -1,0 +1,1 @@
+"""Who is calling (token verification) and whether they may watch a diagnosis (ownership)."""

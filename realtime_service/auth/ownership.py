@@ -1,0 +1,112 @@
+"""Who owns a diagnosis: a TTL cache with one shared query per diagnosis in front of the read replica (PROTOCOL 7).
+
+A reconnect storm after a deploy asks for the same diagnoses many times at once; every concurrent check of one
+diagnosis waits on the same query, and answers (owner, or "no such diagnosis") are kept `ttl` seconds.
+Failures are never cached: the next check asks again, so the service recovers by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from realtime_service.auth.tokens import Principal
+from realtime_service.errors import DiagnosisNotFound, Forbidden
+
+MAX_CACHED = 200_000
+
+
+class OwnershipSource(Protocol):
+    """Answers "who owns diagnosis N" from the replica.
+
+    `owner_of` returns the owner's user id or None for no such diagnosis; it raises OwnershipUnavailable when the
+    replica does not answer in time. It never hangs longer than its configured timeouts.
+    """
+
+    async def owner_of(self, diagnosis_id: int) -> int | None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class OwnershipChecker:
+    """Cache and single-flight around an OwnershipSource."""
+
+    def __init__(self, source: OwnershipSource, ttl: float, clock: Callable[[], float] = time.monotonic,
+                 on_lookup: Callable[[str], None] | None = None) -> None:
+        self._source = source
+        self._ttl = ttl
+        self._clock = clock
+        self._cache: dict[int, tuple[int | None, float]] = {}
+        self._inflight: dict[int, asyncio.Future[int | None]] = {}
+        self._on_lookup = on_lookup or (lambda outcome: None)
+
+    @property
+    def source(self) -> OwnershipSource:
+        return self._source
+
+    async def owner_of(self, diagnosis_id: int) -> int | None:
+        """The owner's id, None if the diagnosis does not exist; raises OwnershipUnavailable."""
+        hit = self._cache.get(diagnosis_id)
+        now = self._clock()
+        if hit is not None and hit[1] > now:
+            self._on_lookup("hit")
+            return hit[0]
+        pending = self._inflight.get(diagnosis_id)
+        if pending is not None:
+            self._on_lookup("shared")
+            return await asyncio.shield(pending)
+        self._on_lookup("miss")
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._inflight[diagnosis_id] = future
+        try:
+            owner = await self._source.owner_of(diagnosis_id)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters may be none
+            raise
+        else:
+            future.set_result(owner)
+            if self._ttl > 0:
+                self._remember(diagnosis_id, owner)
+            return owner
+        finally:
+            self._inflight.pop(diagnosis_id, None)
+
+    def _remember(self, diagnosis_id: int, owner: int | None) -> None:
+        if len(self._cache) >= MAX_CACHED:
+            now = self._clock()
+            for key in [k for k, (_o, exp) in self._cache.items() if exp <= now]:
+                del self._cache[key]
+            while len(self._cache) >= MAX_CACHED:
+                del self._cache[next(iter(self._cache))]
+        self._cache[diagnosis_id] = (owner, self._clock() + self._ttl)
+
+    def forget(self, diagnosis_id: int) -> None:
+        """Drop the cached decision (revoke endpoint)."""
+        self._cache.pop(diagnosis_id, None)
+
+    async def require_exists(self, diagnosis_id: int) -> int:
+        """The owner; DiagnosisNotFound if there is none."""
+        owner = await self.owner_of(diagnosis_id)
+        if owner is None:
+            raise DiagnosisNotFound(f"diagnosis {diagnosis_id} does not exist")
+        return owner
+
+    async def require_watcher(self, principal: Principal, diagnosis_id: int) -> None:
+        """The principal may watch the diagnosis: it exists and the user owns it. Services never own one."""
+        owner = await self.require_exists(diagnosis_id)
+        if principal.is_service or principal.user_id != owner:
+            raise Forbidden(f"not allowed to watch diagnosis {diagnosis_id}")
+
+    async def require_publisher(self, principal: Principal, diagnosis_id: int) -> None:
+        """A service may publish to any existing diagnosis; a user only to its own."""
+        owner = await self.require_exists(diagnosis_id)
+        if not principal.is_service and principal.user_id != owner:
+            raise Forbidden(f"not allowed to publish to diagnosis {diagnosis_id}")
+
+    async def may_watch(self, user_id: int, diagnosis_id: int) -> bool:
+        return await self.owner_of(diagnosis_id) == user_id

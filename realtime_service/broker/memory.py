@@ -1,0 +1,153 @@
+"""The in-memory broker: one node, everything lost on restart (so every restart is a new epoch)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from realtime_service.broker.base import Cursor, History, Publication, PublicationHandler, StreamPosition
+from realtime_service.protocol.frames import with_position
+
+
+@dataclass(slots=True)
+class _Stream:
+    epoch: str
+    offset: int = 0
+    entries: deque[tuple[float, Publication]] = field(default_factory=deque)
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+class MemoryBroker:
+    """Broker for a single node. Nothing here awaits, so publish is atomic per diagnosis by construction."""
+
+    def __init__(self, history_size: int, history_ttl: float, inbox_size: int, idempotency_ttl: float,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self._history_size = history_size
+        self._history_ttl = history_ttl
+        self._inbox_size = inbox_size
+        self._idempotency_ttl = idempotency_ttl
+        self._clock = clock
+        self._wall = wall
+        self._streams: dict[int, _Stream] = {}
+        self._cursors: dict[int, dict[tuple[int, str], Cursor]] = {}
+        self._inboxes: dict[tuple[int, int], deque[tuple[float, bytes]]] = {}
+        self._idempotency: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
+        self._handler: PublicationHandler = lambda publication: None
+        self._retained = 0
+
+    def set_handler(self, handler: PublicationHandler) -> None:
+        self._handler = handler
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def subscribe(self, diagnosis_id: int) -> None:
+        return None
+
+    async def unsubscribe(self, diagnosis_id: int) -> None:
+        return None
+
+    def _stream(self, diagnosis_id: int) -> _Stream:
+        stream = self._streams.get(diagnosis_id)
+        if stream is None:
+            stream = self._streams[diagnosis_id] = _Stream(epoch=_new_epoch())
+        return stream
+
+    def _trim(self, stream: _Stream) -> None:
+        entries = stream.entries
+        horizon = self._clock() - self._history_ttl
+        while entries and (len(entries) > self._history_size or entries[0][0] <= horizon):
+            entries.popleft()
+            self._retained -= 1
+
+    async def publish(self, diagnosis_id: int, body: bytes, exclude_session: str | None = None) -> Publication:
+        stream = self._stream(diagnosis_id)
+        stream.offset += 1
+        publication = Publication(diagnosis_id, stream.offset, stream.epoch,
+                                  with_position(body, stream.offset, stream.epoch), exclude_session)
+        stream.entries.append((self._clock(), publication))
+        self._retained += 1
+        self._trim(stream)
+        self._handler(publication)
+        return publication
+
+    async def position(self, diagnosis_id: int) -> StreamPosition:
+        stream = self._stream(diagnosis_id)
+        return StreamPosition(stream.offset, stream.epoch)
+
+    async def history(self, diagnosis_id: int, since: int) -> History:
+        stream = self._stream(diagnosis_id)
+        self._trim(stream)
+        entries = stream.entries
+        oldest = entries[0][1].offset if entries else stream.offset + 1
+        start = max(0, since - oldest + 1)
+        pubs = tuple(entries[i][1] for i in range(start, len(entries)))
+        return History(StreamPosition(stream.offset, stream.epoch), oldest, pubs)
+
+    async def retained_count(self) -> int:
+        for stream in self._streams.values():
+            self._trim(stream)
+        return self._retained
+
+    async def cursor(self, diagnosis_id: int, user_id: int, device: str) -> Cursor | None:
+        return self._cursors.get(diagnosis_id, {}).get((user_id, device))
+
+    async def init_cursor(self, diagnosis_id: int, user_id: int, device: str, position: StreamPosition) -> Cursor:
+        per = self._cursors.setdefault(diagnosis_id, {})
+        cursor = per.get((user_id, device))
+        if cursor is None:
+            cursor = per[(user_id, device)] = Cursor(user_id, device, position.offset, position.epoch, self._wall())
+        return cursor
+
+    async def confirm(self, diagnosis_id: int, user_id: int, device: str, offset: int, epoch: str) -> None:
+        per = self._cursors.setdefault(diagnosis_id, {})
+        cursor = per.get((user_id, device))
+        if cursor is None or cursor.epoch != epoch or offset > cursor.offset:
+            per[(user_id, device)] = Cursor(user_id, device, offset, epoch, self._wall())
+
+    async def reset_cursor(self, diagnosis_id: int, user_id: int, device: str, position: StreamPosition) -> None:
+        per = self._cursors.setdefault(diagnosis_id, {})
+        per[(user_id, device)] = Cursor(user_id, device, position.offset, position.epoch, self._wall())
+
+    async def cursors(self, diagnosis_id: int) -> list[Cursor]:
+        return list(self._cursors.get(diagnosis_id, {}).values())
+
+    async def push_personal(self, diagnosis_id: int, user_id: int, frame: bytes) -> None:
+        inbox = self._inboxes.setdefault((diagnosis_id, user_id), deque(maxlen=self._inbox_size))
+        inbox.append((self._clock(), frame))
+
+    async def take_personal(self, diagnosis_id: int, user_id: int) -> list[bytes]:
+        inbox = self._inboxes.pop((diagnosis_id, user_id), None)
+        if not inbox:
+            return []
+        horizon = self._clock() - self._history_ttl
+        return [frame for stamp, frame in inbox if stamp > horizon]
+
+    def _expire_idempotency(self) -> None:
+        now = self._clock()
+        while self._idempotency:
+            _key, (expires, _result) = next(iter(self._idempotency.items()))
+            if expires > now:
+                break
+            self._idempotency.popitem(last=False)
+
+    async def idempotent_result(self, scope: str, key: str) -> bytes | None:
+        self._expire_idempotency()
+        hit = self._idempotency.get((scope, key))
+        return None if hit is None else hit[1]
+
+    async def store_idempotent_result(self, scope: str, key: str, result: bytes) -> None:
+        self._expire_idempotency()
+        self._idempotency[(scope, key)] = (self._clock() + self._idempotency_ttl, result)

@@ -1,0 +1,194 @@
+"""`realtime-service serve | dev | migrate | token`: the only reader of argv and os.environ (PROTOCOL 8)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from realtime_service.logs import RedactingAccessLogger, configure_logging
+from realtime_service.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("realtime.cli")
+
+DEV_FOLDER = ".realtime-dev"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realtime-service", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("serve", "run the server"),
+                            ("dev", "run on the embedded default: embedded PostgreSQL, demo data, console")):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", type=Path, help="TOML file (keys: setting names without REALTIME_)")
+        cmd.add_argument("--host")
+        cmd.add_argument("--port", type=int)
+        if name == "dev":
+            cmd.add_argument("--data-dir", type=Path, default=Path(DEV_FOLDER),
+                             help=f"where the embedded PostgreSQL keeps its data (default ./{DEV_FOLDER})")
+    migrate = sub.add_parser("migrate", help="apply migrations/ to REALTIME_DATABASE_URL")
+    migrate.add_argument("--config", type=Path)
+    token = sub.add_parser("token", help="print a token signed with the configured HS256 secret")
+    token.add_argument("--config", type=Path)
+    token.add_argument("--sub", required=True, help="user id, or a service name with --scope")
+    token.add_argument("--scope", help="e.g. realtime:publish for a service token")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ if environ is None else environ)
+    try:
+        if args.command == "token":
+            return _token(args, env)
+        if args.command == "migrate":
+            return _migrate(args, env)
+        if args.command == "serve":
+            return _serve(args, env)
+        return _dev(args, env)
+    except ConfigError as exc:
+        print(f"realtime-service {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _settings(args: argparse.Namespace, env: Mapping[str, str], defaults: dict[str, Any] | None = None) -> Settings:
+    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    return load_settings(env, getattr(args, "config", None), defaults=defaults, overrides=overrides)
+
+
+def mint_token(secret: str, sub: str, scope: str | None, ttl: int) -> str:
+    """An HS256 token for development and tests."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl}
+    if scope:
+        claims["scope"] = scope
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = _settings(args, env)
+    secret = settings.secret("jwt_secret")
+    if not secret:
+        raise ConfigError("REALTIME_JWT_SECRET is required to sign a token")
+    print(mint_token(secret, args.sub, args.scope, args.ttl))
+    return 0
+
+
+def _migrate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from realtime_service.db.migrate import apply_migrations
+
+    settings = _settings(args, env)
+    configure_logging(settings.log_level)
+    dsn = settings.secret("database_url")
+    if not dsn:
+        raise ConfigError("REALTIME_DATABASE_URL is required")
+    applied = apply_migrations(dsn)
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = _settings(args, env)
+    configure_logging(settings.log_level)
+    return asyncio.run(run_server(settings))
+
+
+def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from realtime_service.db.demo import seed_demo
+    from realtime_service.db.embedded import EmbeddedPostgres
+    from realtime_service.db.migrate import apply_migrations
+
+    data_dir: Path = args.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    defaults: dict[str, Any] = {"env": "development", "console_enabled": True, "host": "127.0.0.1"}
+    settings = _settings(args, env, defaults)
+    configure_logging(settings.log_level)
+    if settings.jwt_secret is None:
+        secret_file = data_dir / "jwt_secret"
+        if not secret_file.exists():
+            secret_file.write_text(secrets.token_urlsafe(32))
+            secret_file.chmod(0o600)
+        settings = settings.model_copy(update={"jwt_secret": _secret(secret_file.read_text().strip())})
+    embedded: EmbeddedPostgres | None = None
+    if settings.database_url is None:
+        embedded = EmbeddedPostgres(data_dir / "pgdata")
+        settings = settings.model_copy(update={"database_url": _secret(embedded.start())})
+    try:
+        dsn = settings.secret("database_url")
+        assert dsn is not None
+        apply_migrations(dsn)
+        demo = seed_demo(dsn)
+        secret = settings.secret("jwt_secret")
+        assert secret is not None
+        owner = demo.owner_of[demo.diagnosis_ids[0]]
+        user_token = mint_token(secret, str(owner), None, 24 * 3600)
+        service_token = mint_token(secret, "dev-console", "realtime:publish", 24 * 3600)
+        shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        base = f"http://{shown_host}:{settings.port}"
+        print("\nrealtime-service dev is starting", flush=True)
+        print(f"  console:        {base}/console", flush=True)
+        print(f"  demo diagnoses: {', '.join(f'{d} (owner {demo.owner_of[d]})' for d in demo.diagnosis_ids)}",
+              flush=True)
+        print(f"  user token (user {owner}):\n    {user_token}", flush=True)
+        print(f"  service token:\n    {service_token}", flush=True)
+        print(f"  try: curl -X POST {base}/api/v1/publish -H 'Authorization: Bearer <service token>' "
+              f"-H 'Content-Type: application/json' -d '{{\"diagnosis_id\": {demo.diagnosis_ids[0]}, "
+              f"\"type\": \"hello\", \"data\": {{}}}}'\n", flush=True)
+        return asyncio.run(run_server(settings, demo_tokens={"user": user_token, "service": service_token,
+                                                             "diagnosis_id": str(demo.diagnosis_ids[0])}))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _secret(value: str) -> Any:
+    from pydantic import SecretStr
+
+    return SecretStr(value)
+
+
+async def run_server(settings: Settings, demo_tokens: dict[str, str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain (PROTOCOL 8) and return the exit code."""
+    from aiohttp import web
+
+    from realtime_service.web.app import create_app
+    from realtime_service.web.state import STATE
+
+    app = create_app(settings)
+    if demo_tokens:
+        app[STATE].demo_tokens = demo_tokens
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=RedactingAccessLogger,
+                           shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+    await site.start()
+    log.info("listening on %s:%s (env %s, broker %s)", settings.host, settings.port, settings.env,
+             "redis" if settings.redis_url else "memory")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    deadline = loop.time() + settings.shutdown_grace
+    node = app[STATE].node
+    log.info("draining %d connection(s) over %.1fs", node.hub.count, settings.drain_period)
+    node.draining = True
+    try:
+        await asyncio.wait_for(node.drain(settings.drain_period), max(0.1, deadline - loop.time() - 1))
+    except TimeoutError:
+        log.warning("drain did not finish within the grace period")
+    await node.wait_publishes(max(0.1, deadline - loop.time() - 1))
+    await runner.cleanup()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,111 @@
+"""One subscriber as the core sees it: identity, outbox, delivery state. It never touches a socket.
+
+The web adapter gives it a Transport (wake the writer, close with a reason); everything here is synchronous so
+fan-out can hand a frame to thousands of connections without awaiting any of them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+from realtime_service.errors import CloseReason
+from realtime_service.outbox import Outbox
+
+
+class Transport(Protocol):
+    """What the core may ask of a live WebSocket. Both calls return at once."""
+
+    def wake(self) -> None:
+        """Frames were queued: let the writer run."""
+
+    def close(self, reason: CloseReason) -> None:
+        """Close the connection with this reason (idempotent)."""
+
+
+class Phase(enum.Enum):
+    SYNCING = 1  # registered, replay not yet sent: live frames wait in `pending`
+    LIVE = 2
+    CLOSED = 3
+
+
+class Connection:
+    """A subscriber of one diagnosis."""
+
+    __slots__ = ("awaiting_pong", "close_reason", "device", "diagnosis_id", "epoch", "expires_at", "highest_sent",
+                 "outbox", "pending", "phase", "ping_marks", "ping_seq", "session", "transport", "user_id",
+                 "written_offset")
+
+    def __init__(self, session: str, diagnosis_id: int, user_id: int, device: str, outbox: Outbox,
+                 transport: Transport, expires_at: float) -> None:
+        self.session = session
+        self.diagnosis_id = diagnosis_id
+        self.user_id = user_id
+        self.device = device
+        self.outbox = outbox
+        self.transport = transport
+        self.expires_at = expires_at
+        self.epoch = ""
+        self.phase = Phase.SYNCING
+        self.pending: list[tuple[bytes, int | None]] = []
+        self.highest_sent = 0  # highest offset handed to the outbox
+        self.written_offset = 0  # highest offset written to the socket
+        self.ping_seq = 0
+        self.ping_marks: dict[int, int] = {}  # ping payload -> written_offset when that ping was written
+        self.awaiting_pong = False
+        self.close_reason: CloseReason | None = None
+
+    def deliver(self, frame: bytes, offset: int | None) -> bool:
+        """Hand a live frame over; False when the connection is closed or just overflowed (and is closing)."""
+        if self.phase is Phase.LIVE:
+            if self.outbox.offer(frame, offset):
+                if offset is not None and offset > self.highest_sent:
+                    self.highest_sent = offset
+                self.transport.wake()
+                return True
+            self.close(CloseReason.SLOW_CONSUMER)
+            return False
+        if self.phase is Phase.SYNCING:
+            if len(self.pending) >= self.outbox.max_messages:
+                self.close(CloseReason.SLOW_CONSUMER)
+                return False
+            self.pending.append((frame, offset))
+            return True
+        return False
+
+    def go_live(self, first: list[bytes], seen_up_to: int) -> None:
+        """Send the connect frame and replay, then live frames buffered meanwhile that come after `seen_up_to`."""
+        for frame in first:
+            self.outbox.force(frame)
+        self.highest_sent = max(self.highest_sent, seen_up_to)
+        pending, self.pending = self.pending, []
+        self.phase = Phase.LIVE
+        for frame, offset in pending:
+            if offset is not None and offset <= seen_up_to:
+                continue  # already in the replay, or older than what the client asked for
+            if not self.deliver(frame, offset):
+                return
+        self.transport.wake()
+
+    def reply(self, frame: bytes) -> None:
+        """Answer the client (pong, error) through the same outbox, so the writer stays the only writer."""
+        if self.phase is Phase.CLOSED:
+            return
+        if self.outbox.offer(frame):
+            self.transport.wake()
+        else:
+            self.close(CloseReason.SLOW_CONSUMER)
+
+    def ping(self) -> None:
+        """Queue a protocol PING; its PONG will confirm what was written before it (PROTOCOL 3.7)."""
+        self.awaiting_pong = True
+        self.outbox.ping()
+        self.transport.wake()
+
+    def close(self, reason: CloseReason) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self.close_reason = reason
+        self.pending = []
+        self.transport.close(reason)

@@ -1,0 +1,103 @@
+"""One table of close reasons (PROTOCOL 3.3) and one error hierarchy carrying a code and an HTTP status.
+
+Errors are raised deep (token check, ownership, validation) and mapped to a close frame or an HTTP answer once,
+at the edge, so no call site types a close code.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class CloseReason(enum.Enum):
+    """Every close the service sends: (WebSocket close code, reason word)."""
+
+    INVALID_TOKEN = (1008, "invalid_token")
+    TOKEN_EXPIRED = (1008, "token_expired")
+    DIAGNOSIS_NOT_FOUND = (1008, "diagnosis_not_found")
+    FORBIDDEN = (1008, "forbidden")
+    AUTH_TIMEOUT = (1008, "auth_timeout")
+    RATE_LIMITED = (1008, "rate_limited")
+    MESSAGE_TOO_BIG = (1009, "message_too_big")
+    INTERNAL_ERROR = (1011, "internal_error")
+    SERVICE_RESTART = (1012, "service_restart")
+    OWNERSHIP_UNAVAILABLE = (1013, "ownership_unavailable")
+    SLOW_CONSUMER = (1013, "slow_consumer")
+    HEARTBEAT_TIMEOUT = (1001, "heartbeat_timeout")
+    NORMAL = (1000, "")
+
+    @property
+    def code(self) -> int:
+        return self.value[0]
+
+    @property
+    def reason(self) -> str:
+        return self.value[1]
+
+
+class ServiceError(Exception):
+    """Base error: a machine code, an HTTP status and, where it applies, a close reason."""
+
+    code = "internal_error"
+    status = 500
+    close = CloseReason.INTERNAL_ERROR
+
+    def __init__(self, message: str = "", fields: dict[str, Any] | None = None) -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code.replace("_", " ")
+        self.fields = fields or {}
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.fields:
+            error["fields"] = self.fields
+        return {"error": error}
+
+
+class InvalidToken(ServiceError):
+    code, status, close = "invalid_token", 401, CloseReason.INVALID_TOKEN
+
+
+class TokenExpired(ServiceError):
+    code, status, close = "token_expired", 401, CloseReason.TOKEN_EXPIRED
+
+
+class Forbidden(ServiceError):
+    code, status, close = "forbidden", 403, CloseReason.FORBIDDEN
+
+
+class DiagnosisNotFound(ServiceError):
+    code, status, close = "diagnosis_not_found", 404, CloseReason.DIAGNOSIS_NOT_FOUND
+
+
+class NotFound(ServiceError):
+    code, status = "not_found", 404
+
+
+class OwnershipUnavailable(ServiceError):
+    code, status, close = "ownership_unavailable", 503, CloseReason.OWNERSHIP_UNAVAILABLE
+
+
+class BrokerUnavailable(ServiceError):
+    code, status, close = "broker_unavailable", 503, CloseReason.INTERNAL_ERROR
+
+
+class ShuttingDown(ServiceError):
+    code, status, close = "service_restart", 503, CloseReason.SERVICE_RESTART
+
+
+class BadRequest(ServiceError):
+    code, status = "bad_request", 400
+
+
+class ValidationFailed(ServiceError):
+    code, status = "validation_error", 422
+
+
+class BodyTooLarge(ServiceError):
+    code, status = "body_too_large", 413
+
+
+class Unauthorized(ServiceError):
+    code, status = "unauthorized", 401

@@ -1,0 +1,49 @@
+"""Prometheus metrics on a registry owned by one app (no global registry): bounded labels only.
+
+No label carries a diagnosis or user id, so the number of series never grows with traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+QUERY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Every metric the service exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("realtime_connections", "Open WebSocket connections.", registry=r)
+        self.connection_attempts = Counter(
+            "realtime_connection_attempts", "WebSocket connection attempts by outcome (accepted or close reason).",
+            ["outcome"], registry=r)
+        self.disconnects = Counter("realtime_disconnects", "Closed connections by reason.", ["reason"], registry=r)
+        self.publishes = Counter("realtime_publishes", "Messages published, by kind.", ["kind"], registry=r)
+        self.deliveries = Counter("realtime_deliveries", "Frames handed to connection outboxes.", registry=r)
+        self.fanout_seconds = Histogram("realtime_fanout_seconds", "Time to hand one publication to local outboxes.",
+                                        buckets=FAST_BUCKETS, registry=r)
+        self.outbox_bytes = Gauge("realtime_outbox_bytes", "Bytes waiting in all connection outboxes.", registry=r)
+        self.slow_consumers = Counter("realtime_slow_consumer_closes", "Connections closed slow_consumer.",
+                                      registry=r)
+        self.ownership_seconds = Histogram("realtime_ownership_query_seconds", "Ownership queries to the replica.",
+                                           ["result"], buckets=QUERY_BUCKETS, registry=r)
+        self.ownership_lookups = Counter("realtime_ownership_lookups",
+                                         "Ownership lookups: cache hit, shared in-flight query, or miss.",
+                                         ["result"], registry=r)
+        self.broker_errors = Counter("realtime_broker_errors", "Failed broker operations.", ["operation"],
+                                     registry=r)
+        self.http_requests = Counter("realtime_http_requests", "REST requests by route and status class.",
+                                     ["route", "status"], registry=r)
+
+    def track_outbox_bytes(self, read: Callable[[], float]) -> None:
+        """Compute the outbox gauge when scraped, not on every frame."""
+        self.outbox_bytes.set_function(read)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

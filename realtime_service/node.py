@@ -1,0 +1,295 @@
+"""The core of one node: admits connections, resumes them, publishes, answers the read endpoints, drains.
+
+It composes the broker (offsets, history, cursors), the hub (local fan-out) and the ownership checker; it knows
+nothing of HTTP. The connect/resume seam registers the connection *before* reading history and merges by offset,
+so a publish racing a reconnect is neither lost nor sent twice (PROTOCOL 3.7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from realtime_service.auth.ownership import OwnershipChecker
+from realtime_service.auth.tokens import Principal, TokenVerifier
+from realtime_service.broker.base import Broker, Publication
+from realtime_service.connection import Connection
+from realtime_service.errors import CloseReason, OwnershipUnavailable, ValidationFailed
+from realtime_service.hub import Hub
+from realtime_service.metrics import Metrics
+from realtime_service.protocol import frames
+from realtime_service.protocol.models import PublishBody, PublishResult
+from realtime_service.protocol.session import ResumeRequest
+
+log = logging.getLogger("realtime.node")
+
+DRAIN_TICK = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection limits the node applies."""
+
+    outbox_max_bytes: int
+    outbox_max_messages: int
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Node:
+    """One node's realtime core."""
+
+    def __init__(self, broker: Broker, ownership: OwnershipChecker, verifier: TokenVerifier, metrics: Metrics,
+                 limits: Limits) -> None:
+        self.broker = broker
+        self.ownership = ownership
+        self.verifier = verifier
+        self.metrics = metrics
+        self.limits = limits
+        self.hub = Hub()
+        self.draining = False
+        self._delivered: dict[tuple[int, int], int] = {}
+        self._idempotency_inflight: dict[tuple[str, str], asyncio.Future[bytes]] = {}
+        self._inflight_publishes = 0
+        self._publishes_done = asyncio.Event()
+        self._publishes_done.set()
+        broker.set_handler(self._on_publication)
+        metrics.track_outbox_bytes(self._outbox_bytes)
+
+    # -- fan-out -------------------------------------------------------------------------------
+    def _on_publication(self, publication: Publication) -> None:
+        started = time.perf_counter()
+        count = self.hub.fanout(publication.diagnosis_id, publication.frame, publication.offset,
+                                publication.exclude_session)
+        self._delivered[(publication.diagnosis_id, publication.offset)] = count
+        if len(self._delivered) > 10_000:  # answers nobody collected (publishes of other nodes)
+            self._delivered.clear()
+        self.metrics.deliveries.inc(count)
+        self.metrics.fanout_seconds.observe(time.perf_counter() - started)
+
+    def _outbox_bytes(self) -> float:
+        return float(sum(conn.outbox.bytes for conn in self.hub.all()))
+
+    # -- connections ---------------------------------------------------------------------------
+    def verify(self, token: str) -> Principal:
+        return self.verifier.verify(token)
+
+    async def admit(self, principal: Principal, diagnosis_id: int) -> None:
+        """Fail closed: raises unless the replica says this user owns the diagnosis."""
+        await self.ownership.require_watcher(principal, diagnosis_id)
+
+    async def attach(self, conn: Connection, resume: ResumeRequest) -> None:
+        """Register, then send `connect`, the replay (3.7) and personal messages (3.8), then go live."""
+        diagnosis_id, user_id = conn.diagnosis_id, conn.user_id
+        if self.hub.add(conn):
+            await self.broker.subscribe(diagnosis_id)
+        self.metrics.connections.set(self.hub.count)
+        replay: list[bytes] | None = None
+        recovered = True
+        if resume.since is not None:
+            history = await self.broker.history(diagnosis_id, resume.since)
+            position = history.position
+            recovered = (resume.epoch == position.epoch
+                         and history.oldest - 1 <= resume.since <= position.offset)
+            if not recovered and resume.since >= history.oldest:
+                history = await self.broker.history(diagnosis_id, 0)
+                position = history.position
+            replay = [p.frame for p in history.publications]
+            await self.broker.init_cursor(diagnosis_id, user_id, conn.device, position)
+        else:
+            position = await self.broker.position(diagnosis_id)
+            cursor = await self.broker.init_cursor(diagnosis_id, user_id, conn.device, position)
+            if cursor.epoch != position.epoch:
+                history = await self.broker.history(diagnosis_id, 0)
+                position, recovered = history.position, False
+                replay = [p.frame for p in history.publications]
+            elif cursor.offset < position.offset:
+                history = await self.broker.history(diagnosis_id, cursor.offset)
+                position = history.position
+                recovered = history.oldest - 1 <= cursor.offset
+                replay = [p.frame for p in history.publications]
+        personal = await self.broker.take_personal(diagnosis_id, user_id)
+        conn.epoch = position.epoch
+        first = [frames.connect_frame(diagnosis_id, user_id, conn.session, position.offset, position.epoch)]
+        if resume.since is not None or replay or personal:
+            first.append(frames.reconnect_frame(diagnosis_id, [*(replay or []), *personal], recovered))
+        conn.go_live(first, position.offset)
+
+    async def detach(self, conn: Connection) -> None:
+        if self.hub.remove(conn):
+            try:
+                await self.broker.unsubscribe(conn.diagnosis_id)
+            except Exception:  # the broker logs and counts its own failures
+                log.warning("unsubscribe failed for a diagnosis", exc_info=True)
+        self.metrics.connections.set(self.hub.count)
+
+    async def confirm(self, conn: Connection, offset: int) -> None:
+        """The client has everything up to `offset` (ack, or a PONG after those frames were written)."""
+        offset = min(offset, conn.highest_sent)
+        if offset <= 0 or not conn.epoch:
+            return
+        await self.broker.confirm(conn.diagnosis_id, conn.user_id, conn.device, offset, conn.epoch)
+
+    def heartbeat_tick(self) -> None:
+        """Drop connections that did not answer the previous PING; PING the rest (PROTOCOL 3.6)."""
+        for conn in self.hub.all():
+            if conn.awaiting_pong:
+                conn.close(CloseReason.HEARTBEAT_TIMEOUT)
+            else:
+                conn.ping()
+
+    # -- publishing ----------------------------------------------------------------------------
+    async def check_publish(self, principal: Principal, body: PublishBody) -> None:
+        """Everything that can refuse a publish, before anything is published."""
+        await self.ownership.require_publisher(principal, body.diagnosis_id)
+        target = body.personal_user()
+        if target is not None and not await self.ownership.may_watch(target, body.diagnosis_id):
+            raise ValidationFailed("user_id may not watch this diagnosis; the message could never be delivered",
+                                   {"user_id": "may not watch this diagnosis"})
+
+    async def publish(self, body: PublishBody) -> PublishResult:
+        """Publish one checked message; answers once it is in history and handed to local outboxes."""
+        self._inflight_publishes += 1
+        self._publishes_done.clear()
+        try:
+            return await self._publish(body)
+        finally:
+            self._inflight_publishes -= 1
+            if self._inflight_publishes == 0:
+                self._publishes_done.set()
+
+    async def _publish(self, body: PublishBody) -> PublishResult:
+        diagnosis_id = body.diagnosis_id
+        target = body.personal_user()
+        if target is not None:
+            frame = frames.personal_frame(body.frame_type(), diagnosis_id, target, body.frame_data())
+            delivered = self.hub.fanout(diagnosis_id, frame, None, body.exclude_session, target)
+            if delivered == 0 and not any(c.user_id == target for c in self.hub.connections(diagnosis_id)):
+                await self.broker.push_personal(diagnosis_id, target, frame)
+            position = await self.broker.position(diagnosis_id)
+            self.metrics.publishes.labels("personal").inc()
+            self.metrics.deliveries.inc(delivered)
+            return PublishResult(diagnosis_id=diagnosis_id, offset=None, epoch=position.epoch, delivered=delivered)
+        body_bytes = frames.broadcast_body(body.frame_type(), diagnosis_id, body.frame_data())
+        publication = await self.broker.publish(diagnosis_id, body_bytes, body.exclude_session)
+        delivered_count = self._delivered.pop((diagnosis_id, publication.offset), None)
+        self.metrics.publishes.labels("broadcast").inc()
+        return PublishResult(diagnosis_id=diagnosis_id, offset=publication.offset, epoch=publication.epoch,
+                             delivered=delivered_count)
+
+    async def idempotent(self, scope: str, key: str | None, produce: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Run `produce` once per (caller, key) within the TTL; repeats get the first answer (PROTOCOL 4)."""
+        if key is None:
+            return await produce()
+        stored = await self.broker.idempotent_result(scope, key)
+        if stored is not None:
+            return stored
+        pending = self._idempotency_inflight.get((scope, key))
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._idempotency_inflight[(scope, key)] = future
+        try:
+            result = await produce()
+            await self.broker.store_idempotent_result(scope, key, result)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()
+            raise
+        finally:
+            self._idempotency_inflight.pop((scope, key), None)
+
+    # -- read endpoints --------------------------------------------------------------------------
+    async def status(self, detail: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"connections": self.hub.count, "diagnoses": self.hub.diagnosis_count,
+                                "retained_messages": await self.broker.retained_count()}
+        if detail:
+            per: dict[str, Any] = {}
+            for diagnosis_id in self.hub.diagnoses():
+                conns = self.hub.connections(diagnosis_id)
+                position = await self.broker.position(diagnosis_id)
+                per[str(diagnosis_id)] = {"connections": len(conns), "users": len({c.user_id for c in conns}),
+                                          "offset": position.offset}
+            body["per_diagnosis"] = per
+        return body
+
+    async def presence(self, diagnosis_id: int) -> dict[str, Any]:
+        await self.ownership.require_exists(diagnosis_id)
+        users: dict[int, dict[str, Any]] = {}
+        for conn in self.hub.connections(diagnosis_id):
+            entry = users.setdefault(conn.user_id, {"user_id": conn.user_id, "connections": 0, "devices": []})
+            entry["connections"] += 1
+            if conn.device not in entry["devices"]:
+                entry["devices"].append(conn.device)
+        return {"diagnosis_id": diagnosis_id, "users": sorted(users.values(), key=lambda u: u["user_id"])}
+
+    async def deliveries(self, diagnosis_id: int) -> dict[str, Any]:
+        await self.ownership.require_exists(diagnosis_id)
+        position = await self.broker.position(diagnosis_id)
+        devices = [{"user_id": c.user_id, "device": c.device, "confirmed_offset": c.offset,
+                    "confirmed_at": iso(c.confirmed_at)}
+                   for c in await self.broker.cursors(diagnosis_id) if c.epoch == position.epoch]
+        devices.sort(key=lambda d: (d["user_id"], d["device"]))
+        return {"diagnosis_id": diagnosis_id, "offset": position.offset, "epoch": position.epoch,
+                "devices": devices}
+
+    async def revoke(self, diagnosis_id: int, user_id: int | None) -> dict[str, Any]:
+        """Forget the cached decision and close the connections the replica no longer allows."""
+        self.ownership.forget(diagnosis_id)
+        targets = [c for c in self.hub.connections(diagnosis_id) if user_id is None or c.user_id == user_id]
+        try:
+            owner = await self.ownership.owner_of(diagnosis_id)
+        except OwnershipUnavailable:
+            for conn in targets:  # fail closed: they reconnect and are checked afresh
+                conn.close(CloseReason.OWNERSHIP_UNAVAILABLE)
+            raise
+        closed = 0
+        for conn in targets:
+            if owner is None:
+                conn.close(CloseReason.DIAGNOSIS_NOT_FOUND)
+                closed += 1
+            elif conn.user_id != owner:
+                conn.close(CloseReason.FORBIDDEN)
+                closed += 1
+        if owner is None:
+            await self.ownership.require_exists(diagnosis_id)
+        return {"diagnosis_id": diagnosis_id, "closed": closed}
+
+    # -- shutdown ------------------------------------------------------------------------------
+    async def drain(self, period: float) -> None:
+        """Close every client `service_restart`, in batches spread over `period` with jitter."""
+        self.draining = True
+        conns = list(self.hub.all())
+        random.shuffle(conns)
+        if not conns:
+            return
+        loop = asyncio.get_running_loop()
+        ticks = max(1, int(period / DRAIN_TICK))
+        per_tick = max(1, math.ceil(len(conns) / ticks))
+        started = loop.time()
+        for index in range(0, len(conns), per_tick):
+            due = started + (index // per_tick) * DRAIN_TICK + random.uniform(0, DRAIN_TICK / 2)
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            for conn in conns[index:index + per_tick]:
+                conn.close(CloseReason.SERVICE_RESTART)
+
+    async def wait_publishes(self, timeout: float) -> bool:
+        """Wait for in-flight publishes to finish; False if some did not within `timeout`."""
+        try:
+            await asyncio.wait_for(self._publishes_done.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False

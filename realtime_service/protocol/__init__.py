@@ -1,0 +1,1 @@
+"""Pure protocol code: frames and their encoding, REST body models, the per-connection session. No I/O."""

@@ -1,0 +1,1 @@
+"""The aiohttp adapter: the only package that imports aiohttp."""

@@ -1,0 +1,107 @@
+"""The app factory: the one place where settings become objects, and where their lifecycle is tied to the app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from realtime_service.auth.ownership import OwnershipChecker, OwnershipSource
+from realtime_service.auth.replica import PostgresOwnership
+from realtime_service.auth.tokens import TokenVerifier
+from realtime_service.broker.base import Broker
+from realtime_service.broker.memory import MemoryBroker
+from realtime_service.metrics import Metrics
+from realtime_service.node import Limits, Node
+from realtime_service.settings import ConfigError, Settings
+from realtime_service.web import ops, rest
+from realtime_service.web.http import error_middleware
+from realtime_service.web.state import STATE, AppState
+from realtime_service.web.ws import websocket_handler
+
+log = logging.getLogger("realtime.app")
+
+ID = r"{diagnosis_id:[1-9][0-9]{0,17}}"
+
+
+def build_broker(settings: Settings, metrics: Metrics) -> Broker:
+    """Memory by default; Redis only when configured (imported only then)."""
+    if settings.redis_url is not None:
+        raise ConfigError("REALTIME_REDIS_URL is set but this build has no Redis broker yet")
+    return MemoryBroker(settings.history_size, settings.history_ttl, settings.personal_inbox_size,
+                        settings.idempotency_ttl)
+
+
+def build_ownership_source(settings: Settings, metrics: Metrics) -> OwnershipSource:
+    dsn = settings.secret("database_url")
+    if not dsn:
+        raise ConfigError("REALTIME_DATABASE_URL (the read replica) is required")
+    return PostgresOwnership(
+        dsn, settings.ownership_query, settings.db_pool_min, settings.db_pool_max, settings.db_connect_timeout,
+        settings.db_statement_timeout,
+        observe=lambda result, seconds: metrics.ownership_seconds.labels(result).observe(seconds))
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    try:
+        return TokenVerifier(settings.jwt_algorithms, settings.secret("jwt_secret"), settings.jwt_public_key_file,
+                             settings.jwt_audience, settings.jwt_issuer, settings.jwt_leeway)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def create_app(settings: Settings, *, ownership_source: OwnershipSource | None = None,
+               broker: Broker | None = None) -> web.Application:
+    """Build one service app. Tests pass their own source or broker at the seams."""
+    metrics = Metrics()
+    source = ownership_source or build_ownership_source(settings, metrics)
+    ownership = OwnershipChecker(source, settings.ownership_cache_ttl,
+                                 on_lookup=lambda result: metrics.ownership_lookups.labels(result).inc())
+    node = Node(broker or build_broker(settings, metrics), ownership, build_verifier(settings), metrics,
+                Limits(settings.outbox_max_bytes, settings.outbox_max_messages))
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[STATE] = AppState(settings=settings, node=node, metrics=metrics)
+    app.router.add_get(f"/ws/{ID}", websocket_handler)
+    app.router.add_post("/ws/broadcast-recommendation-update", rest.broadcast_recommendation)
+    app.router.add_post("/ws/broadcast-effectiveness-update", rest.broadcast_effectiveness)
+    app.router.add_post("/ws/broadcast-feedback-update", rest.broadcast_feedback)
+    app.router.add_get("/ws/status", rest.status)
+    app.router.add_post("/api/v1/publish", rest.publish)
+    app.router.add_post("/api/v1/publish/batch", rest.publish_batch)
+    app.router.add_get(f"/api/v1/diagnoses/{ID}/presence", rest.presence)
+    app.router.add_get(f"/api/v1/diagnoses/{ID}/deliveries", rest.deliveries)
+    app.router.add_post(f"/api/v1/diagnoses/{ID}/revoke", rest.revoke)
+    app.router.add_get("/healthz", ops.healthz)
+    app.router.add_get("/readyz", ops.readyz)
+    app.router.add_get("/metrics", ops.metrics)
+    if settings.console_enabled:
+        from realtime_service.web.console import setup_console
+
+        setup_console(app)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _heartbeat(node: Node, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        node.heartbeat_tick()
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Start the broker and the heartbeat with the app; stop them (and the replica pool) with it."""
+    state = app[STATE]
+    node = state.node
+    await node.broker.start()
+    heartbeat = asyncio.create_task(_heartbeat(node, state.settings.heartbeat))
+    try:
+        yield
+    finally:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+        await node.broker.close()
+        await node.ownership.source.close()
