@@ -207,7 +207,8 @@ class EmbeddedPostgres:
 
     def _run(self, args: Sequence[str], *, check: bool = True, log_hint: bool = False) -> int:
         """Run a bundled program as the server's account; raise with its output when it fails."""
-        assert self._bin_dir is not None and self._account is not None
+        assert self._bin_dir is not None
+        assert self._account is not None
         command = [str(self._bin_dir / args[0]), *args[1:]]
         account = self._account
         # Output goes to a file: a pipe could be inherited by the daemonised postmaster and never close.

@@ -17,7 +17,7 @@ from realtime_service.broker.memory import MemoryBroker
 from realtime_service.metrics import Metrics
 from realtime_service.node import Limits, Node
 from realtime_service.settings import ConfigError, Settings
-from realtime_service.web import ops, rest
+from realtime_service.web import openapi, ops, rest
 from realtime_service.web.http import error_middleware
 from realtime_service.web.state import STATE, AppState
 from realtime_service.web.ws import websocket_handler
@@ -77,6 +77,7 @@ def create_app(settings: Settings, *, ownership_source: OwnershipSource | None =
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
+    app.router.add_get("/api/openapi.json", openapi.document)
     if settings.console_enabled:
         from realtime_service.web.console import setup_console
 

@@ -20,6 +20,7 @@ log = logging.getLogger("realtime.ws")
 
 FLUSH_BEFORE_CLOSE = 2.0  # seconds a closing connection may take to write what is already queued
 CLOSE_HANDSHAKE = 2.0
+ABORT_AFTER = 5.0  # seconds a closed connection may keep unsent bytes
 
 
 class WebSocketTransport:
@@ -95,10 +96,12 @@ class WebSocketTransport:
             pass
         finally:
             transport = self.request.transport
-            if transport is not None and not transport.is_closing():
-                transport.close()
-            if transport is not None and transport.get_write_buffer_size() > 0:
-                transport.abort()  # a client that does not read would hold the buffer forever
+            if transport is not None:
+                if not transport.is_closing():
+                    transport.close()
+                # A client that never reads would hold the write buffer forever: give the close frame time to
+                # leave, then cut the connection.
+                asyncio.get_running_loop().call_later(ABORT_AFTER, transport.abort)
 
     async def finish(self) -> None:
         """The handler is done: stop the writer, let a close in progress end, free everything."""

@@ -34,6 +34,15 @@ chans: dict[int, Chan] = {}
 EPOCH = uuid.uuid4().hex
 
 
+def server_frame(opcode: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
+
+
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -107,7 +116,7 @@ async def publish(request: web.Request) -> web.Response:
     diag = int(body["diagnosis_id"])
     ch = chans.setdefault(diag, Chan())
     ch.offset += 1
-    frame = orjson.dumps(
+    payload = orjson.dumps(
         {
             "type": body["type"],
             "diagnosis_id": diag,
@@ -116,15 +125,22 @@ async def publish(request: web.Request) -> web.Response:
             "offset": ch.offset,
             "epoch": EPOCH,
         }
-    ).decode()
+    )
+    # one encoded frame written straight into every transport: a "null server" that shows the
+    # load generator's own ceiling
+    frame = server_frame(0x1, payload)
     n = 0
     for ws in list(ch.conns):
         tr = ws._req.transport if ws._req is not None else None
-        if tr is not None and tr.get_write_buffer_size() > LIMIT:
+        if tr is None or tr.is_closing():
             ch.conns.pop(ws, None)
-            asyncio.ensure_future(ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"slow_consumer"))
             continue
-        asyncio.ensure_future(ws.send_str(frame))
+        if tr.get_write_buffer_size() > LIMIT:
+            ch.conns.pop(ws, None)
+            tr.write(server_frame(0x8, (1013).to_bytes(2, "big") + b"slow_consumer"))
+            asyncio.get_running_loop().call_later(10.0, tr.abort)
+            continue
+        tr.write(frame)
         n += 1
     return web.json_response({"diagnosis_id": diag, "offset": ch.offset, "epoch": EPOCH, "delivered": n})
 

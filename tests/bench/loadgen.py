@@ -11,6 +11,7 @@ subscriber has all expected offsets; "resume_slow"; "status" -> "status"; "stop"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -53,9 +54,7 @@ def _hard_deadline(seconds: float) -> None:
 
 def _worker_boot(deadline_s: float) -> None:
     die_with_parent()
-    signal.signal(
-        signal.SIGINT, signal.SIG_IGN
-    )  # the orchestrator handles Ctrl-C and kills us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator handles Ctrl-C and kills us
     raise_nofile_limit()
     _hard_deadline(deadline_s)
 
@@ -94,9 +93,7 @@ def subscriber_main(conn: Connection, cfg: dict[str, Any]) -> None:
 async def _subscriber(conn: Connection, cfg: dict[str, Any]) -> None:
     cmds = _Commands(conn)
     host, port = cfg["host"], cfg["port"]
-    subs_spec: list[tuple[int, str, str | None]] = cfg[
-        "subs"
-    ]  # (diagnosis_id, token, device)
+    subs_spec: list[tuple[int, str, str | None]] = cfg["subs"]  # (diagnosis_id, token, device)
     expected: dict[int, int] = cfg.get("expected", {})
     slow_idx: int | None = cfg.get("slow_index")
     concurrency = cfg.get("concurrency", 200)
@@ -176,10 +173,7 @@ async def _subscriber(conn: Connection, cfg: dict[str, Any]) -> None:
                 "t_start": t_start,
                 "t_end": t_conn_end,
                 "connect_offsets": dict(
-                    Counter(
-                        int((s.connect_frame or {}).get("data", {}).get("offset", -1))
-                        for s in ok
-                    )
+                    Counter(int((s.connect_frame or {}).get("data", {}).get("offset", -1)) for s in ok)
                 ),
                 "pid": os.getpid(),
             },
@@ -192,11 +186,7 @@ async def _subscriber(conn: Connection, cfg: dict[str, Any]) -> None:
     while True:
         cmd, arg = await cmds.get()
         if cmd == "status":
-            closes = Counter(
-                f"{s.ended}:{s.close_code}:{s.close_reason}"
-                for s in ok
-                if s.ended is not None
-            )
+            closes = Counter(f"{s.ended}:{s.close_code}:{s.close_reason}" for s in ok if s.ended is not None)
             conn.send(
                 (
                     "status",
@@ -217,9 +207,7 @@ async def _subscriber(conn: Connection, cfg: dict[str, Any]) -> None:
             conn.send(
                 (
                     "result",
-                    _subscriber_result(
-                        ok, normal, subs, slow_idx, sink, slow_sink, arg
-                    ),
+                    _subscriber_result(ok, normal, subs, slow_idx, sink, slow_sink, arg),
                 )
             )
         elif cmd == "exit":
@@ -236,9 +224,8 @@ async def _finish_slow(sp: WSSubscriber | None, wait: float) -> None:
         return
     if sp.transport is not None and not sp.transport.is_closing():
         sp.transport.resume_reading()
-    t_end = time.monotonic() + wait
-    while sp.ended is None and time.monotonic() < t_end:
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(sp.finished), wait)
 
 
 def _subscriber_result(
@@ -263,11 +250,7 @@ def _subscriber_result(
         unexpected += un
         if not s.complete:
             incomplete += 1
-    ended = Counter(
-        f"{s.ended}:{s.close_code}:{s.close_reason}"
-        for s in normal
-        if s.ended is not None
-    )
+    ended = Counter(f"{s.ended}:{s.close_code}:{s.close_reason}" for s in normal if s.ended is not None)
     slow: dict[str, Any] | None = None
     if slow_idx is not None:
         sp = subs[slow_idx]
@@ -330,9 +313,7 @@ async def _publisher(conn: Connection, cfg: dict[str, Any]) -> None:
             return
 
 
-async def _publish(
-    host: str, port: int, token: str, pool: list[Any], arg: dict[str, Any]
-) -> dict[str, Any]:
+async def _publish(host: str, port: int, token: str, pool: list[Any], arg: dict[str, Any]) -> dict[str, Any]:
     plan: list[int] = arg["plan"]
     rate: float | None = arg.get("rate")
     pad = "x" * int(arg.get("pad", 0))
@@ -362,7 +343,7 @@ async def _publish(
         sent_at[i] = t
         try:
             status, rbody = await p.request(build_post(host, port, path, token, body))
-        except Exception as e:  # noqa: BLE001 - any failure is counted, the run goes on
+        except Exception as e:
             errors[type(e).__name__] += 1
             if not first_error:
                 first_error.append(repr(e))
@@ -388,9 +369,7 @@ async def _publish(
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
                 errors["bad_response"] += 1
         elif not first_error:
-            first_error.append(
-                f"HTTP {status}: {rbody[:300].decode('utf-8', 'replace')}"
-            )
+            first_error.append(f"HTTP {status}: {rbody[:300].decode('utf-8', 'replace')}")
         idle.put_nowait(p)
 
     tasks: set[asyncio.Task[None]] = set()

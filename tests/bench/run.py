@@ -52,9 +52,7 @@ SCENARIOS = ("fanout", "fanout_20", "many", "connect", "idle", "slow")
 SEED_USERS = 12_000
 WARM_BASE = 11_000
 WARM_CONNECTIONS = 20
-OUTBOX_MAX_BYTES = (
-    1_048_576  # the server's default REALTIME_OUTBOX_MAX_BYTES (we do not override it)
-)
+OUTBOX_MAX_BYTES = 1_048_576  # the server's default REALTIME_OUTBOX_MAX_BYTES (we do not override it)
 
 FULL: dict[str, dict[str, Any]] = {
     "fanout": {
@@ -160,9 +158,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http_get(
-    port: int, path: str, timeout: float = 2.0, token: str | None = None
-) -> tuple[int, bytes]:
+def http_get(port: int, path: str, timeout: float = 2.0, token: str | None = None) -> tuple[int, bytes]:
     c = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -242,7 +238,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_server_preexec,  # noqa: PLW1509 - no threads in the orchestrator
+                preexec_fn=_server_preexec,
             )
         finally:
             logf.close()
@@ -250,9 +246,7 @@ class Server:
         end = time.monotonic() + 30.0
         while True:
             if self.proc.poll() is not None:
-                raise BenchError(
-                    f"server exited with {self.proc.returncode} at start:\n{self.log_tail()}"
-                )
+                raise BenchError(f"server exited with {self.proc.returncode} at start:\n{self.log_tail()}")
             try:
                 status, _ = http_get(self.port, "/healthz", timeout=1.0)
                 if status == 200:
@@ -260,9 +254,7 @@ class Server:
             except OSError:
                 pass
             if time.monotonic() > end:
-                raise BenchError(
-                    f"server did not answer /healthz within 30s:\n{self.log_tail()}"
-                )
+                raise BenchError(f"server did not answer /healthz within 30s:\n{self.log_tail()}")
             time.sleep(0.05)
 
     def alive(self) -> bool:
@@ -278,9 +270,7 @@ class Server:
 
     def log_tail(self, n: int = 30) -> str:
         try:
-            return "\n".join(
-                self.log_path.read_text(errors="replace").splitlines()[-n:]
-            )
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
 
@@ -292,10 +282,7 @@ class Server:
         except OSError:
             return out
         for ln in lines:
-            if any(
-                k in ln
-                for k in ("Traceback", "ERROR", "CRITICAL", "Error", "Exception")
-            ):
+            if any(k in ln for k in ("Traceback", "ERROR", "CRITICAL", "Error", "Exception")):
                 s = ln.strip()[:300]
                 if s not in out:
                     out.append(s)
@@ -305,9 +292,7 @@ class Server:
 
 
 class Worker:
-    def __init__(
-        self, name: str, proc: mp.process.BaseProcess, conn: Connection
-    ) -> None:
+    def __init__(self, name: str, proc: mp.process.BaseProcess, conn: Connection) -> None:
         self.name = name
         self.proc = proc
         self.conn = conn
@@ -327,16 +312,12 @@ class Worker:
             if left <= 0:
                 raise Timeout(f"timed out waiting for {kind!r} from {self.name}")
             if not self.proc.is_alive() and not self.conn.poll():
-                raise BenchError(
-                    f"{self.name} died (exit code {self.proc.exitcode}) before {kind!r}"
-                )
+                raise BenchError(f"{self.name} died (exit code {self.proc.exitcode}) before {kind!r}")
             if self.conn.poll(min(left, 0.5)):
                 try:
                     k, v = self.conn.recv()
                 except EOFError as e:
-                    raise BenchError(
-                        f"{self.name} closed its pipe before {kind!r}"
-                    ) from e
+                    raise BenchError(f"{self.name} closed its pipe before {kind!r}") from e
                 if k == kind:
                     return v
                 self.inbox.append((k, v))
@@ -400,9 +381,7 @@ class Bench:
         self.pids: set[int] = set()
         self.stamp = time.strftime("%Y%m%dT%H%M%S")
         self.log_dir = RESULTS / self.stamp
-        self.server_cmd: list[str] = (
-            args.server_cmd.split() if args.server_cmd else default_server_cmd()
-        )
+        self.server_cmd: list[str] = args.server_cmd.split() if args.server_cmd else default_server_cmd()
         self.extra_env: dict[str, str] = dict(kv.split("=", 1) for kv in args.env)
         self.machine = machine_info()
         self._tokens: dict[int, str] = {}
@@ -437,12 +416,8 @@ class Bench:
         else:
             try:
                 from realtime_service.db.embedded import EmbeddedPostgres
-            except (
-                ImportError
-            ) as e:  # pragma: no cover - while the service is being written
-                raise BenchError(
-                    f"realtime_service.db.embedded is not importable yet: {e}"
-                ) from e
+            except ImportError as e:  # pragma: no cover - while the service is being written
+                raise BenchError(f"realtime_service.db.embedded is not importable yet: {e}") from e
             self.pg_dir = tempfile.mkdtemp(prefix="rtbench-pg-")
             os.chmod(self.pg_dir, 0o755)
             log(f"starting embedded PostgreSQL in {self.pg_dir}")
@@ -467,15 +442,13 @@ class Bench:
                 cur.execute("ANALYZE diagnoses")
         finally:
             conn.close()
-        log(
-            f"database ready ({SEED_USERS} users, {SEED_USERS} diagnoses; user i owns diagnosis i)"
-        )
+        log(f"database ready ({SEED_USERS} users, {SEED_USERS} diagnoses; user i owns diagnosis i)")
 
     def stop_db(self) -> None:
         if self.pg is not None:
             try:
                 self.pg.stop()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log(f"stopping PostgreSQL failed: {e}")
             self.pg = None
         if self.pg_dir and not self.args.keep:
@@ -496,13 +469,8 @@ class Bench:
             self.pids.discard(pid)
 
     # helpers for runs
-    def sub_specs(
-        self, diagnoses: list[int], device_prefix: str | None = None
-    ) -> list[tuple[int, str, str | None]]:
-        return [
-            (d, self.token(d), f"{device_prefix}{i}" if device_prefix else None)
-            for i, d in enumerate(diagnoses)
-        ]
+    def sub_specs(self, diagnoses: list[int], device_prefix: str | None = None) -> list[tuple[int, str, str | None]]:
+        return [(d, self.token(d), f"{device_prefix}{i}" if device_prefix else None) for i, d in enumerate(diagnoses)]
 
     def start_subscribers(
         self,
@@ -518,9 +486,7 @@ class Bench:
         workers: int | None = None,
     ) -> list[Worker]:
         nw = max(1, min(workers or self.workers, len(specs)))
-        parts: list[list[tuple[int, str, str | None]]] = [
-            specs[i::nw] for i in range(nw)
-        ]
+        parts: list[list[tuple[int, str, str | None]]] = [specs[i::nw] for i in range(nw)]
         out = []
         for i, part in enumerate(parts):
             cfg: dict[str, Any] = {
@@ -540,17 +506,13 @@ class Bench:
 
     def warm_up(self, fleet: Fleet, server: Server, deadline: Deadline) -> None:
         """A few connections to other diagnoses, then closed: loads lazy code paths and the DB pool."""
-        specs = self.sub_specs(
-            list(range(WARM_BASE + 1, WARM_BASE + 1 + WARM_CONNECTIONS))
-        )
+        specs = self.sub_specs(list(range(WARM_BASE + 1, WARM_BASE + 1 + WARM_CONNECTIONS)))
         (w,) = self.start_subscribers(fleet, server, specs, workers=1, deadline_s=60.0)
         w.expect("ready", deadline)
         w.send("go")
         info = w.expect("connected", deadline)
         if info["failed"]:
-            raise BenchError(
-                f"warm-up connections failed: {info['failures']}\n{server.log_tail()}"
-            )
+            raise BenchError(f"warm-up connections failed: {info['failures']}\n{server.log_tail()}")
         w.send("exit")
         w.proc.join(5.0)
 
@@ -569,9 +531,7 @@ def cpu_snapshot(pids: dict[str, int]) -> dict[str, float | None]:
     return {name: proc_cpu_seconds(pid) for name, pid in pids.items()}
 
 
-def cpu_delta(
-    a: dict[str, float | None], b: dict[str, float | None]
-) -> dict[str, float | None]:
+def cpu_delta(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for k, v in a.items():
         w = b.get(k)
@@ -611,15 +571,11 @@ def run_broadcast(
     deadline = Deadline(timeout)
     sub_diags = [d for d in diagnoses for _ in range(per_diagnosis)]
     expected = dict(Counter(plan))
-    pad = (
-        max(0, message_bytes - 190) if message_bytes else 0
-    )  # ~190 bytes of frame around data.pad
+    pad = max(0, message_bytes - 190) if message_bytes else 0  # ~190 bytes of frame around data.pad
     with b.server(label) as srv, Fleet(b) as fleet:
         b.warm_up(fleet, srv, deadline)
         specs = b.sub_specs(sub_diags, device_prefix="bench-")
-        slow_spec = (
-            (diagnoses[0], b.token(diagnoses[0]), "bench-slow") if slow_rcvbuf else None
-        )
+        slow_spec = (diagnoses[0], b.token(diagnoses[0]), "bench-slow") if slow_rcvbuf else None
         subs = b.start_subscribers(
             fleet,
             srv,
@@ -650,18 +606,13 @@ def run_broadcast(
         for c in conn_infos:
             failures.update(c["failures"])
         if connected == 0:
-            raise BenchError(
-                f"no subscriber could connect: {dict(failures)}\n{srv.log_tail()}"
-            )
+            raise BenchError(f"no subscriber could connect: {dict(failures)}\n{srv.log_tail()}")
         # warm the publish path on a diagnosis nobody watches
-        pub.send(
-            "publish", {"plan": [WARM_BASE + WARM_CONNECTIONS + 1] * 10, "rate": None}
-        )
+        pub.send("publish", {"plan": [WARM_BASE + WARM_CONNECTIONS + 1] * 10, "rate": None})
         warm = pub.expect("published", deadline)
         if warm["ok"] != 10:
             raise BenchError(
-                f"warm-up publishes failed: {warm['statuses']} {warm['errors']} {warm['first_error']}"
-                f"\n{srv.log_tail()}"
+                f"warm-up publishes failed: {warm['statuses']} {warm['errors']} {warm['first_error']}\n{srv.log_tail()}"
             )
         time.sleep(0.2)
         pids = {
@@ -679,9 +630,7 @@ def run_broadcast(
         waiting = {w.name for w in subs if expected}
         published: dict[str, Any] | None = None
         samples: list[list[float | int | None]] = []
-        total_conns = (
-            connected  # as the server should count them (slow client included)
-        )
+        total_conns = connected  # as the server should count them (slow client included)
         slow_resumed_at: float | None = None
         next_sample = t0
         grace_end: float | None = None
@@ -695,9 +644,7 @@ def run_broadcast(
                 try:
                     kind, arg = c.recv()  # type: ignore[union-attr]
                 except EOFError as e:
-                    raise BenchError(
-                        f"{w.name} died during the run\n{srv.log_tail()}"
-                    ) from e
+                    raise BenchError(f"{w.name} died during the run\n{srv.log_tail()}") from e
                 if kind == "done":
                     waiting.discard(w.name)
                     t_window_end = time.monotonic()
@@ -711,19 +658,12 @@ def run_broadcast(
             if sample and now >= next_sample:
                 next_sample = now + 0.25
                 conns = None
-                with contextlib.suppress(
-                    OSError, ValueError, http.client.HTTPException
-                ):
+                with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
                     st, body = http_get(srv.port, "/ws/status", timeout=1.0)
                     if st == 200:
                         conns = json.loads(body).get("connections")
                 samples.append([round(now - t0, 2), proc_rss_kb(srv.pid), conns])
-                if (
-                    slow_spec is not None
-                    and slow_resumed_at is None
-                    and isinstance(conns, int)
-                    and conns < total_conns
-                ):
+                if slow_spec is not None and slow_resumed_at is None and isinstance(conns, int) and conns < total_conns:
                     slow_resumed_at = now - t0
                     subs[0].send("resume_slow")
             if published is not None and grace_end is None:
@@ -750,10 +690,7 @@ def run_broadcast(
                     "slow_wait": 10.0 if slow_spec is not None else 0.0,
                 },
             )
-        results = [
-            w.expect("result", Deadline(max(5.0, min(30.0, deadline.left()))))
-            for w in subs
-        ]
+        results = [w.expect("result", Deadline(max(5.0, min(30.0, deadline.left())))) for w in subs]
         problems = srv.log_problems()
     cpu = cpu_delta(cpu0, cpu1)
     window = max(1e-9, t_window_end - t0)
@@ -775,9 +712,7 @@ def run_broadcast(
         "publish_first_error": published["first_error"],
         "publish_offsets_gapless": _gapless(offsets),
         "publish_elapsed_s": round(published["elapsed"], 3),
-        "publishes_per_s": round(
-            published["ok"] / max(1e-9, published["t_last_resp"] - t_first_send), 1
-        ),
+        "publishes_per_s": round(published["ok"] / max(1e-9, published["t_last_resp"] - t_first_send), 1),
         "publish_request_latency": published["request_latency"],
         "delivered_reported_by_server": published["delivered_reported"],
         "deliveries": deliveries,
@@ -791,18 +726,12 @@ def run_broadcast(
         "duplicated": sum(r["duplicated"] for r in results),
         "unexpected_offsets": sum(r["unexpected"] for r in results),
         "incomplete_subscribers": sum(r["incomplete_subscribers"] for r in results),
-        "subscribers_closed_during_run": dict(
-            sum((Counter(r["ended_during_run"]) for r in results), Counter())
-        ),
-        "frame_bytes_avg": round(
-            sum(r["bytes"] for r in results) / max(1, sum(r["frames"] for r in results))
-        ),
+        "subscribers_closed_during_run": dict(sum((Counter(r["ended_during_run"]) for r in results), Counter())),
+        "frame_bytes_avg": round(sum(r["bytes"] for r in results) / max(1, sum(r["frames"] for r in results))),
         "window_s": round(window, 3),
         "server_cpu_s": round(server_cpu, 3),
         "server_cpu_pct": round(100 * server_cpu / window, 1),
-        "server_cpu_us_per_msg": round(1e6 * server_cpu / deliveries, 2)
-        if deliveries
-        else None,
+        "server_cpu_us_per_msg": round(1e6 * server_cpu / deliveries, 2) if deliveries else None,
         "loadgen_subscribers_cpu_s": round(sub_cpu, 3),
         "loadgen_subscribers_cpu_pct": round(100 * sub_cpu / window, 1),
         "loadgen_publisher_cpu_s": cpu["publisher"],
@@ -819,9 +748,7 @@ def run_broadcast(
         slow = next((r["slow"] for r in results if r["slow"] is not None), None) or {}
         out["slow"] = {
             **{k: v for k, v in slow.items() if k != "t_end"},
-            "status_drop_at_s": None
-            if slow_resumed_at is None
-            else round(slow_resumed_at, 2),
+            "status_drop_at_s": None if slow_resumed_at is None else round(slow_resumed_at, 2),
             "ended_at_s": round(slow["t_end"] - t0, 2) if slow.get("t_end") else None,
         }
     return out
@@ -909,9 +836,7 @@ def sc_connect(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, An
         "connect_p90_ms": lats["p90_ms"],
         "connect_p99_ms": lats["p99_ms"],
         "connect_max_ms": lats["max_ms"],
-        "connect_offsets": dict(
-            sum((Counter(i["connect_offsets"]) for i in infos), Counter())
-        ),
+        "connect_offsets": dict(sum((Counter(i["connect_offsets"]) for i in infos), Counter())),
         "server_cpu_s": round(server_cpu, 3),
         "server_cpu_pct": round(100 * server_cpu / span, 1),
         "server_cpu_us_per_connection": round(1e6 * server_cpu / ok, 1) if ok else None,
@@ -982,9 +907,7 @@ def sc_idle(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, Any]:
         "server_rss_kb_after_hold": rss1,
         "server_rss_kb_hwm": hwm,
         "rss_kb_per_connection": None if per is None else round(per, 2),
-        "server_cpu_s_during_hold": None
-        if cpu0 is None or cpu1 is None
-        else round(cpu1 - cpu0, 3),
+        "server_cpu_s_during_hold": None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 3),
         "loadgen_rss_kb_per_connection": round(client_rss / ok, 2) if ok else None,
         "rss_samples": samples,
         "server_log_problems": problems,
@@ -1005,22 +928,17 @@ def sc_slow(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, Any]:
         "timeout": 120.0 + (n_pub / rate if rate else 0.0),
     }
     base = run_broadcast(b, f"{name}-{run}-baseline", **common)
-    slow = run_broadcast(
-        b, f"{name}-{run}-slow", slow_rcvbuf=p["slow_rcvbuf"], **common
-    )
+    slow = run_broadcast(b, f"{name}-{run}-slow", slow_rcvbuf=p["slow_rcvbuf"], **common)
     s = slow.get("slow", {})
-    closed = (
-        s.get("ended") == "close"
-        and s.get("close_code") == 1013
-        and s.get("close_reason") == "slow_consumer"
-    )
+    closed = s.get("ended") == "close" and s.get("close_code") == 1013 and s.get("close_reason") == "slow_consumer"
     frame = slow["frame_bytes_avg"] or p["message_bytes"]
     # by then an unbounded outbox would hold twice the configured limit
     t_limit = (2 * OUTBOX_MAX_BYTES / frame) / rate if rate else 0.5 * slow["window_s"]
     growth = rss_growth_after(slow.get("rss_samples", []), t_limit)
-    peak = lambda r: max(
-        (x[1] for x in r.get("rss_samples", []) if x[1] is not None), default=None
-    )
+
+    def peak(r: dict[str, Any]) -> int | None:
+        return max((x[1] for x in r.get("rss_samples", []) if x[1] is not None), default=None)
+
     pk_s, pk_b = peak(slow), peak(base)
     extra = None if pk_s is None or pk_b is None else pk_s - pk_b
     p99_s, p99_b = slow["latency_p99_ms"], base["latency_p99_ms"]
@@ -1029,9 +947,7 @@ def sc_slow(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, Any]:
         "slow_client": s,
         "others_p99_ms": p99_s,
         "baseline_p99_ms": p99_b,
-        "p99_ratio_vs_baseline": round(p99_s / p99_b, 2)
-        if p99_s is not None and p99_b
-        else None,
+        "p99_ratio_vs_baseline": round(p99_s / p99_b, 2) if p99_s is not None and p99_b else None,
         "others_p50_ms": slow["latency_p50_ms"],
         "baseline_p50_ms": base["latency_p50_ms"],
         "others_lost": slow["lost"],
@@ -1091,18 +1007,12 @@ def summarize(
     keys: list[str] = list(targets)
     for r in runs:
         for k, v in r.items():
-            if (
-                k not in keys
-                and isinstance(v, (int, float))
-                and not isinstance(v, bool)
-            ):
+            if k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
                 keys.append(k)
     figures: dict[str, Any] = {}
     for k in keys:
         vals = [r.get(k) for r in runs]
-        if all(isinstance(v, bool) or v is None for v in vals) and any(
-            isinstance(v, bool) for v in vals
-        ):
+        if all(isinstance(v, bool) or v is None for v in vals) and any(isinstance(v, bool) for v in vals):
             med: Any = all(v is True for v in vals)
         else:
             m = median(vals)
@@ -1144,9 +1054,7 @@ def summarize(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m tests.bench.run", description=__doc__.split("\n\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--scenario",
         "-s",
@@ -1165,12 +1073,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="small counts: proves the harness end to end",
     )
-    ap.add_argument(
-        "--workers", type=int, default=1, help="subscriber processes (default 1)"
-    )
-    ap.add_argument(
-        "--dsn", help="use this PostgreSQL instead of an embedded one (it is seeded!)"
-    )
+    ap.add_argument("--workers", type=int, default=1, help="subscriber processes (default 1)")
+    ap.add_argument("--dsn", help="use this PostgreSQL instead of an embedded one (it is seeded!)")
     ap.add_argument(
         "--server-cmd",
         help="command that runs the server (default: realtime-service serve)",
@@ -1195,9 +1099,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=3600.0,
         help="overall limit in seconds (default 3600)",
     )
-    ap.add_argument(
-        "--keep", action="store_true", help="keep the PostgreSQL data folder"
-    )
+    ap.add_argument("--keep", action="store_true", help="keep the PostgreSQL data folder")
     ap.add_argument(
         "--no-save",
         action="store_true",
@@ -1220,11 +1122,7 @@ def scenario_params(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = (
-        list(SCENARIOS)
-        if not args.scenario or "all" in args.scenario
-        else list(dict.fromkeys(args.scenario))
-    )
+    names = list(SCENARIOS) if not args.scenario or "all" in args.scenario else list(dict.fromkeys(args.scenario))
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     raise_nofile_limit()
 
@@ -1264,11 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
             if out_file is not None:
                 with open(out_file, "a") as f:
                     f.write(text + "\n")
-            brief = {
-                k: (v["median"], v.get("target"))
-                for k, v in line["figures"].items()
-                if "target" in v
-            }
+            brief = {k: (v["median"], v.get("target")) for k, v in line["figures"].items() if "target" in v}
             log(f"{name}: ok={line['ok']} {brief}")
             if not line["ok"]:
                 rc = 1
@@ -1283,9 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
         b.kill_all()
         b.stop_db()
         if out_file is not None and out_file.exists():
-            log(
-                f"results appended to {out_file.relative_to(ROOT)}; server logs in {b.log_dir.relative_to(ROOT)}"
-            )
+            log(f"results appended to {out_file.relative_to(ROOT)}; server logs in {b.log_dir.relative_to(ROOT)}")
     return rc
 
 

@@ -42,12 +42,17 @@ def check_percentiles() -> None:
     assert percentile([], 50) is None
     assert percentile([5.0], 99) == 5.0
     v = [float(i) for i in range(1, 101)]  # 1..100
-    assert percentile(v, 0) == 1.0 and percentile(v, 100) == 100.0
+    assert percentile(v, 0) == 1.0
+    assert percentile(v, 100) == 100.0
     assert abs(percentile(v, 50) - 50.5) < 1e-9
     assert abs(percentile(v, 99) - 99.01) < 1e-9
     s = summarize_latencies([0.001, 0.002, 0.003])
-    assert s["n"] == 3 and s["p50_ms"] == 2.0 and s["max_ms"] == 3.0
-    assert median([3, 1, 2]) == 2 and median([1, 2, 3, 4]) == 2.5 and median([None, 7]) == 7
+    assert s["n"] == 3
+    assert s["p50_ms"] == 2.0
+    assert s["max_ms"] == 3.0
+    assert median([3, 1, 2]) == 2
+    assert median([1, 2, 3, 4]) == 2.5
+    assert median([None, 7]) == 7
     assert median([]) is None
 
 
@@ -55,12 +60,15 @@ def check_proc() -> None:
     stat = "1234 (we ird) name)) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0 100 0 0"
     assert abs(parse_stat_cpu(stat) - 300 / os.sysconf("SC_CLK_TCK")) < 1e-9
     own = proc_cpu_seconds(os.getpid())
-    assert own is not None and own >= 0
+    assert own is not None
+    assert own >= 0
     status = "Name:\tpython\nVmPeak:\t  1000 kB\nVmHWM:\t 900 kB\nVmRSS:\t  812 kB\n"
-    assert parse_status_kb(status) == 812 and parse_status_kb(status, "VmHWM") == 900
+    assert parse_status_kb(status) == 812
+    assert parse_status_kb(status, "VmHWM") == 900
     assert parse_status_kb("Name: x\n") is None
     rss = proc_rss_kb(os.getpid())
-    assert rss is not None and rss > 1000
+    assert rss is not None
+    assert rss > 1000
     assert proc_cpu_seconds(2**22 + 12345) is None
     # a busy loop is visible in utime
     t0 = proc_cpu_seconds(os.getpid()) or 0.0
@@ -82,10 +90,13 @@ def check_frames() -> None:
     key = b"\x01\x02\x03\x04"
     assert mask_payload(mask_payload(b"hello world", key), key) == b"hello world"
     f = encode_client_frame(OP_CLOSE, (1000).to_bytes(2, "big"), key)
-    assert f[0] == 0x88 and f[1] == 0x82 and f[2:6] == key
+    assert f[0] == 0x88
+    assert f[1] == 0x82
+    assert f[2:6] == key
     assert mask_payload(f[6:], key) == b"\x03\xe8"
     big = encode_client_frame(OP_TEXT, b"x" * 70000, key)
-    assert big[1] == 0x80 | 127 and int.from_bytes(big[2:10], "big") == 70000
+    assert big[1] == 0x80 | 127
+    assert int.from_bytes(big[2:10], "big") == 70000
     msgs = [b"a" * n for n in (0, 1, 125, 126, 127, 8192, 65535, 65536, 70000)]
     stream = b"".join(encode_server_frame(OP_TEXT, m) for m in msgs)
     stream += encode_server_frame(OP_TEXT, b"frag1-", fin=False) + encode_server_frame(OP_CONT, b"frag2")
@@ -131,7 +142,8 @@ def check_http() -> None:
                 for ch in chunks:
                     c.data_received(ch)
                 status, body = await fut
-                assert status == 200 and body == b'{"offset": 7}', (status, body)
+                assert status == 200
+                assert body == b'{"offset": 7}', body
             fut = asyncio.ensure_future(c.request(b"x"))
             await asyncio.sleep(0)
             c.data_received(b"HTTP/1.1 422 Unprocessable\r\ncontent-length: 2\r\n\r\n{}")

@@ -25,10 +25,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     lo = int(pos)
     hi = min(lo + 1, n - 1)
     frac = pos - lo
-    return (
-        float(sorted_values[lo])
-        + (float(sorted_values[hi]) - float(sorted_values[lo])) * frac
-    )
+    return float(sorted_values[lo]) + (float(sorted_values[hi]) - float(sorted_values[lo])) * frac
 
 
 def summarize_latencies(values: Iterable[float]) -> dict[str, float | int | None]:
@@ -134,9 +131,7 @@ def raise_nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def count_offsets(
-    counts: bytearray | bytes, expected: Iterable[int]
-) -> tuple[int, int, int]:
+def count_offsets(counts: bytearray | bytes, expected: Iterable[int]) -> tuple[int, int, int]:
     """(lost, duplicated, unexpected) from per-offset receive counts.
 
     counts[o] is how many times offset o was received (saturating at 255).

@@ -28,9 +28,7 @@ def mask_payload(payload: bytes, key: bytes) -> bytes:
     if n == 0:
         return b""
     rep = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(rep, "big")).to_bytes(
-        n, "big"
-    )
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(rep, "big")).to_bytes(n, "big")
 
 
 def encode_client_frame(opcode: int, payload: bytes, key: bytes | None = None) -> bytes:
@@ -188,18 +186,16 @@ class WSSubscriber(asyncio.Protocol):
         self.handshaking = True
         self.hbuf = b""
         self.parser = FrameParser()
-        self.connected: asyncio.Future[dict[str, Any]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        loop = asyncio.get_running_loop()
+        self.connected: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.finished: asyncio.Future[None] = loop.create_future()
         self.connect_frame: dict[str, Any] | None = None
         self.counts = bytearray(expected + 2)
         self.distinct = 0
         self.complete = expected <= 0
         self.close_code: int | None = None
         self.close_reason = ""
-        self.ended: str | None = (
-            None  # how the connection ended: close / eof / reset / ...
-        )
+        self.ended: str | None = None  # how the connection ended: close / eof / reset / ...
         self.t_end = 0.0
         self.frames_seen = 0
         self.closing = False
@@ -224,9 +220,7 @@ class WSSubscriber(asyncio.Protocol):
                 status = 0
             if status != 101:
                 if not self.connected.done():
-                    self.connected.set_exception(
-                        HandshakeError(status, buf[i + 4 : i + 200].decode("latin-1"))
-                    )
+                    self.connected.set_exception(HandshakeError(status, buf[i + 4 : i + 200].decode("latin-1")))
                 self.ended = f"http_{status}"
                 assert self.transport is not None
                 self.transport.close()
@@ -257,10 +251,10 @@ class WSSubscriber(asyncio.Protocol):
             else:
                 self.ended = type(exc).__name__
         self.t_end = _monotonic()
+        if not self.finished.done():
+            self.finished.set_result(None)
         if not self.connected.done():
-            self.connected.set_exception(
-                ClosedBeforeConnect(self.close_code, self.ended or "")
-            )
+            self.connected.set_exception(ClosedBeforeConnect(self.close_code, self.ended or ""))
 
     def eof_received(self) -> bool | None:
         return None
@@ -339,11 +333,7 @@ class WSSubscriber(asyncio.Protocol):
 
     @property
     def alive(self) -> bool:
-        return (
-            self.transport is not None
-            and not self.transport.is_closing()
-            and self.ended is None
-        )
+        return self.transport is not None and not self.transport.is_closing() and self.ended is None
 
 
 async def open_subscriber(
