@@ -21,6 +21,10 @@ from realtime_service.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("realtime.cli")
 
+
+class StartupError(Exception):
+    """Something the command needs could not be started; the message says what."""
+
 DEV_FOLDER = ".realtime-dev"
 
 
@@ -60,6 +64,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigError as exc:
         print(f"realtime-service {args.command}: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"realtime-service {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _settings(args: argparse.Namespace, env: Mapping[str, str], defaults: dict[str, Any] | None = None) -> Settings:
@@ -106,7 +113,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from realtime_service.db.demo import seed_demo
-    from realtime_service.db.embedded import EmbeddedPostgres
+    from realtime_service.db.embedded import EmbeddedPostgres, EmbeddedPostgresError
     from realtime_service.db.migrate import apply_migrations
 
     data_dir: Path = args.data_dir.resolve()
@@ -123,7 +130,10 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     embedded: EmbeddedPostgres | None = None
     if settings.database_url is None:
         embedded = EmbeddedPostgres(data_dir / "pgdata")
-        settings = settings.model_copy(update={"database_url": _secret(embedded.start())})
+        try:
+            settings = settings.model_copy(update={"database_url": _secret(embedded.start())})
+        except EmbeddedPostgresError as exc:
+            raise StartupError(f"cannot start the embedded PostgreSQL: {exc}") from None
     try:
         dsn = settings.secret("database_url")
         assert dsn is not None

@@ -113,6 +113,7 @@ class Session:
         if self.phase is Phase.CLOSED:
             return Close(CloseReason.NORMAL)
         if not self._bucket.take(now):
+            self.phase = Phase.CLOSED
             return Close(CloseReason.RATE_LIMITED)
         if self.phase is Phase.AWAITING_AUTH:
             return self._first_frame(payload, binary)

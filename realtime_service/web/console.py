@@ -1,8 +1,9 @@
 """The debug console `GET /console` (PROTOCOL 6): open in development, behind a service token in production.
 
 Browsers cannot send an Authorization header when they navigate, so production answers 401 with a sign-in form
-that trades a service token for a short-lived HttpOnly, SameSite=Strict session cookie. The token itself is never
-rendered back into a page.
+that trades a service token for a short-lived HttpOnly, SameSite=Strict session cookie. No token is ever
+rendered into a page (the development page hands its demo tokens to the script in a JSON block that the script
+removes), and a Content-Security-Policy allows only the console's own script and stylesheet.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp_jinja2
 import jinja2
@@ -20,87 +22,122 @@ from realtime_service.web.state import STATE
 
 COOKIE = "rt_console"
 SESSION_TTL = 3600.0
-SESSIONS = web.AppKey("console_sessions", dict)
+MAX_SESSIONS = 1000
+STATUS_POLL_SECONDS = 3
+SESSIONS: web.AppKey[dict[str, float]] = web.AppKey("console_sessions")
 TEMPLATES = Path(__file__).parent / "templates"
+STATIC = Path(__file__).parent / "static"
+STATIC_ROUTE = "console_static"
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
 def setup_console(app: web.Application) -> None:
-    """Mount the console routes and their templates on the app."""
+    """Mount the console routes, its templates and its static files on the app."""
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True)
     app[SESSIONS] = {}
     app.router.add_get("/console", console_page)
     app.router.add_post("/console/session", console_sign_in)
     app.router.add_post("/console/sign-out", console_sign_out)
+    app.router.add_static("/console/static", STATIC, name=STATIC_ROUTE, append_version=True)
+
+
+def _bearer_is_service(request: web.Request, token: str) -> bool:
+    try:
+        return request.app[STATE].node.verify(token.strip()).is_service
+    except ServiceError:
+        return False
 
 
 def _signed_in(request: web.Request) -> bool:
-    state = request.app[STATE]
-    if state.settings.development:
+    """Development is open; production needs a service token in the header or a live session cookie."""
+    if request.app[STATE].settings.development:
         return True
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token:
-        try:
-            return state.node.verify(token.strip()).is_service
-        except ServiceError:
-            return False
-    session = request.cookies.get(COOKIE)
-    sessions: dict[str, float] = request.app[SESSIONS]
-    expires = sessions.get(session or "")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return _bearer_is_service(request, token)
+    session = request.cookies.get(COOKIE, "")
+    sessions = request.app[SESSIONS]
+    expires = sessions.get(session)
     if expires is None:
         return False
     if expires < time.time():
-        sessions.pop(session or "", None)
+        sessions.pop(session, None)
         return False
     return True
 
 
-def _no_store(response: web.StreamResponse) -> web.StreamResponse:
+def _same_origin(request: web.Request) -> bool:
+    """A form post from another site is refused (the cookie is SameSite=Strict; this covers sign-in itself)."""
+    origin = request.headers.get("Origin")
+    return origin is None or origin.lower() == f"{request.scheme}://{request.host}".lower()
+
+
+def _protect(response: web.StreamResponse) -> web.StreamResponse:
+    """Keep console pages out of caches, history snapshots, referrers and frames; allow only our own assets."""
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"
     response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = CSP
     return response
 
 
+def _assets(request: web.Request) -> dict[str, str]:
+    static = request.app.router[STATIC_ROUTE]
+    return {"css_url": str(static.url_for(filename="console.css")),
+            "js_url": str(static.url_for(filename="console.js"))}
+
+
+def _sign_in_page(request: web.Request, error: str | None) -> web.StreamResponse:
+    context = {"error": error, **_assets(request)}
+    return _protect(aiohttp_jinja2.render_template("signin.html", request, context, status=401))
+
+
 async def console_page(request: web.Request) -> web.StreamResponse:
+    """The console, or (production, not signed in) the 401 sign-in form."""
     state = request.app[STATE]
     if not _signed_in(request):
-        response = aiohttp_jinja2.render_template("signin.html", request, {"error": None}, status=401)
-        return _no_store(response)
-    context = {"development": state.settings.development, "demo": state.demo_tokens,
-               "heartbeat": state.settings.heartbeat}
-    return _no_store(aiohttp_jinja2.render_template("console.html", request, context))
+        return _sign_in_page(request, None)
+    development = state.settings.development
+    demo = dict(state.demo_tokens) if development else {}
+    data: dict[str, Any] = {
+        "development": development,
+        "demo": {key: demo[key] for key in ("user", "service") if demo.get(key)},
+        "statusPollSeconds": STATUS_POLL_SECONDS,
+    }
+    context = {"development": development, "env": state.settings.env, "data": data,
+               "diagnosis_id": demo.get("diagnosis_id", ""), **_assets(request)}
+    return _protect(aiohttp_jinja2.render_template("console.html", request, context))
 
 
 async def console_sign_in(request: web.Request) -> web.StreamResponse:
     """Trade a service token (form field `token`) for a session cookie; redirect back to the console."""
+    if not _same_origin(request):
+        return _protect(web.Response(status=403, text="cross-site sign-in refused"))
     form = await request.post()
     token = form.get("token")
-    state = request.app[STATE]
-    ok = False
-    if isinstance(token, str) and token.strip():
-        try:
-            ok = state.node.verify(token.strip()).is_service
-        except ServiceError:
-            ok = False
-    if not ok:
-        response = aiohttp_jinja2.render_template("signin.html", request,
-                                                  {"error": "That is not a valid service token."}, status=401)
-        return _no_store(response)
-    session = secrets.token_urlsafe(32)
-    sessions: dict[str, float] = request.app[SESSIONS]
+    if not isinstance(token, str) or not token.strip() or not _bearer_is_service(request, token):
+        return _sign_in_page(request, "That is not a valid service token.")
+    sessions = request.app[SESSIONS]
     now = time.time()
-    for key in [k for k, exp in sessions.items() if exp < now]:
+    for key in [k for k, expires in sessions.items() if expires < now]:
         del sessions[key]
+    while len(sessions) >= MAX_SESSIONS:
+        del sessions[next(iter(sessions))]  # oldest first: dicts keep insertion order
+    session = secrets.token_urlsafe(32)
     sessions[session] = now + SESSION_TTL
-    response = web.HTTPSeeOther("/console")
+    response = web.Response(status=303, headers={"Location": "/console"})
     response.set_cookie(COOKIE, session, max_age=int(SESSION_TTL), httponly=True, samesite="Strict",
                         path="/console", secure=request.secure)
-    return _no_store(response)
+    return _protect(response)
 
 
 async def console_sign_out(request: web.Request) -> web.StreamResponse:
+    """Forget the session and its cookie."""
+    if not _same_origin(request):
+        return _protect(web.Response(status=403, text="cross-site sign-out refused"))
     request.app[SESSIONS].pop(request.cookies.get(COOKIE, ""), None)
-    response = web.HTTPSeeOther("/console")
+    response = web.Response(status=303, headers={"Location": "/console"})
     response.del_cookie(COOKIE, path="/console")
-    return _no_store(response)
+    return _protect(response)

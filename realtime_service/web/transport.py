@@ -1,6 +1,9 @@
-"""A Connection's Transport over aiohttp: one writer task per connection drains the outbox to the socket.
+"""A Connection's Transport over aiohttp: a writer task drains the outbox; the handler closes.
 
-Fan-out only queues and wakes; this task alone awaits the network, so a slow client stalls nobody else.
+Fan-out only queues and wakes; the writer task alone awaits the network, so a slow client stalls nobody else.
+Closing is done by the handler task after the reader task is stopped: aiohttp closes the socket at once when
+`close()` races a pending `receive()`, which loses the close frame (and queued frames) to a TCP reset when the
+client is still sending.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ ABORT_AFTER = 5.0  # seconds a closed connection may keep unsent bytes
 class WebSocketTransport:
     """Writer task and close sequence for one WebSocketResponse."""
 
-    __slots__ = ("_closer", "_idle", "_wake", "_writer", "conn", "metrics", "request", "ws")
+    __slots__ = ("_done", "_idle", "_wake", "_writer", "conn", "metrics", "request", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, metrics: Metrics) -> None:
         self.ws = ws
@@ -36,7 +39,7 @@ class WebSocketTransport:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._closer: asyncio.Task[None] | None = None
+        self._done: asyncio.Future[CloseReason | None] = asyncio.get_running_loop().create_future()
 
     def start(self, conn: Connection) -> None:
         self.conn = conn
@@ -44,14 +47,21 @@ class WebSocketTransport:
 
     # -- Transport ---------------------------------------------------------------------------------
     def wake(self) -> None:
+        self._idle.clear()
         self._wake.set()
 
     def close(self, reason: CloseReason) -> None:
-        if self._closer is None:
+        if not self._done.done():
             self.metrics.disconnects.labels(reason.reason or "normal").inc()
             if reason is CloseReason.SLOW_CONSUMER:
                 self.metrics.slow_consumers.inc()
-            self._closer = asyncio.create_task(self._close(reason))
+            self._done.set_result(reason)
+
+    def peer_gone(self) -> None:
+        """The reader saw the client close or vanish."""
+        if not self._done.done():
+            self.metrics.disconnects.labels("client").inc()
+            self._done.set_result(None)
 
     # -- tasks ---------------------------------------------------------------------------------------
     async def _write_loop(self) -> None:
@@ -61,7 +71,6 @@ class WebSocketTransport:
         try:
             while True:
                 while outbox:
-                    self._idle.clear()
                     frame, offset = outbox.pop()
                     if frame is PING:
                         conn.ping_seq += 1
@@ -75,23 +84,31 @@ class WebSocketTransport:
                 await self._wake.wait()
                 self._wake.clear()
         except (ConnectionError, RuntimeError):
-            self._idle.set()
-            # the peer went away; the reader notices and cleans up
             outbox.clear()
+            self._idle.set()
+            self.peer_gone()
 
-    async def _close(self, reason: CloseReason) -> None:
+    async def run_until_closed(self, reader: asyncio.Task[None]) -> None:
+        """Wait for a close request or the peer's departure, then close in order and free everything."""
+        reason = await self._done
         conn, writer = self.conn, self._writer
-        if conn is not None and writer is not None and reason is not CloseReason.SLOW_CONSUMER:
+        if reason is not None and reason is not CloseReason.SLOW_CONSUMER and writer is not None:
             self._wake.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), FLUSH_BEFORE_CLOSE)
-        if writer is not None:
-            writer.cancel()
+        for task in (writer, reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if conn is not None:
             conn.outbox.clear()
         try:
-            await asyncio.wait_for(self.ws.close(code=reason.code, message=reason.reason.encode()),
-                                   CLOSE_HANDSHAKE)
+            if reason is not None:
+                await asyncio.wait_for(self.ws.close(code=reason.code, message=reason.reason.encode()),
+                                       CLOSE_HANDSHAKE)
+            else:
+                await asyncio.wait_for(self.ws.close(), CLOSE_HANDSHAKE)
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
         finally:
@@ -102,15 +119,3 @@ class WebSocketTransport:
                 # A client that never reads would hold the write buffer forever: give the close frame time to
                 # leave, then cut the connection.
                 asyncio.get_running_loop().call_later(ABORT_AFTER, transport.abort)
-
-    async def finish(self) -> None:
-        """The handler is done: stop the writer, let a close in progress end, free everything."""
-        if self._closer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._closer), CLOSE_HANDSHAKE + FLUSH_BEFORE_CLOSE + 1)
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._writer
-        if self.conn is not None:
-            self.conn.outbox.clear()

@@ -144,46 +144,62 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
                             CloseReason.TOKEN_EXPIRED)
 
     timer = expire()
+
+    async def read_loop() -> None:
+        nonlocal timer
+        try:
+            while True:
+                msg = await ws.receive()
+                kind = msg.type
+                if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                    action = session.receive(msg.data, kind is WSMsgType.BINARY, loop.time())
+                    if isinstance(action, Ping):
+                        conn.reply(frames.pong_frame(diagnosis_id))
+                    elif isinstance(action, Ack):
+                        await node.confirm(conn, action.offset)
+                    elif isinstance(action, Reject):
+                        conn.reply(frames.error_frame(diagnosis_id, action.code, action.message))
+                    elif isinstance(action, Refresh):
+                        if _refresh(conn, principal, action.token, node.verify):
+                            timer.cancel()
+                            timer = expire()
+                    elif isinstance(action, Close):
+                        conn.close(action.reason)
+                        return
+                elif kind is WSMsgType.PONG:
+                    await _pong(conn, node, msg.data)
+                elif kind is WSMsgType.PING:
+                    await ws.pong(msg.data)
+                else:
+                    break
+        except ServiceError as exc:
+            conn.close(exc.close)
+        except (ConnectionError, RuntimeError):
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+            conn.close(CloseReason.INTERNAL_ERROR)
+        transport.peer_gone()
+
+    reader: asyncio.Task[None] | None = None
     try:
         await node.attach(conn, resume)
-        while True:
-            msg = await ws.receive()
-            kind = msg.type
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                action = session.receive(msg.data, kind is WSMsgType.BINARY, loop.time())
-                if isinstance(action, Ping):
-                    conn.reply(frames.pong_frame(diagnosis_id))
-                elif isinstance(action, Ack):
-                    await node.confirm(conn, action.offset)
-                elif isinstance(action, Reject):
-                    conn.reply(frames.error_frame(diagnosis_id, action.code, action.message))
-                elif isinstance(action, Refresh):
-                    if not _refresh(conn, principal, action.token, node.verify):
-                        continue
-                    timer.cancel()
-                    timer = expire()
-                elif isinstance(action, Close):
-                    conn.close(action.reason)
-            elif kind is WSMsgType.PONG:
-                await _pong(conn, node, msg.data)
-            elif kind is WSMsgType.PING:
-                await ws.pong(msg.data)
-            else:
-                break
+        reader = asyncio.create_task(read_loop())
     except ServiceError as exc:
         conn.close(exc.close)
-    except (ConnectionError, RuntimeError):
-        pass
     except Exception:
-        log.exception("connection handler failed")
+        log.exception("attach failed")
         conn.close(CloseReason.INTERNAL_ERROR)
+    try:
+        if reader is None:
+            reader = asyncio.create_task(asyncio.sleep(0))
+        await transport.run_until_closed(reader)
     finally:
         timer.cancel()
         session.closed()
         if conn.close_reason is None:
             conn.close(CloseReason.NORMAL)
         await node.detach(conn)
-        await transport.finish()
 
 
 def _refresh(conn: Connection, principal: Principal, token: str, verify: Callable[[str], Principal]) -> bool:

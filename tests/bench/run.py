@@ -33,11 +33,12 @@ from typing import Any, Self
 
 import jwt
 
-from .loadgen import die_with_parent, publisher_main, subscriber_main
+from .loadgen import die_with_parent, loop_name, publisher_main, subscriber_main
 from .stats import (
     machine_info,
     median,
     proc_cpu_seconds,
+    proc_cpu_split,
     proc_rss_kb,
     raise_nofile_limit,
     summarize_latencies,
@@ -78,7 +79,7 @@ FULL: dict[str, dict[str, Any]] = {
     "slow": {
         "subscribers": 200,
         "publishes": 1000,
-        "rate": 200.0,
+        "rate": 100.0,
         "message_bytes": 8192,
         "slow_rcvbuf": 4096,
         "publish_connections": 8,
@@ -90,7 +91,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "many": {"diagnoses": 50, "publishes": 200},
     "connect": {"connections": 300, "concurrency": 100},
     "idle": {"connections": 500, "hold_s": 3.0},
-    "slow": {"subscribers": 50, "publishes": 300},
+    "slow": {"subscribers": 30, "publishes": 800, "rate": 200.0},
 }
 
 # metric -> (operator, value); printed beside the medians
@@ -386,6 +387,7 @@ class Bench:
         self.machine = machine_info()
         self._tokens: dict[int, str] = {}
         self.workers = max(1, args.workers)
+        self.use_uvloop = not args.no_uvloop
         self.service_token = jwt.encode(
             {
                 "sub": "bench",
@@ -496,6 +498,7 @@ class Bench:
                 "expected": expected or {},
                 "concurrency": max(1, concurrency // nw),
                 "deadline_s": deadline_s,
+                "uvloop": self.use_uvloop,
             }
             if slow is not None and i == 0:
                 cfg["subs"] = [*part, slow]
@@ -528,7 +531,13 @@ def default_server_cmd() -> list[str]:
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float | None]:
-    return {name: proc_cpu_seconds(pid) for name, pid in pids.items()}
+    """utime+stime per named PID, plus '<name>.sys' (stime alone)."""
+    out: dict[str, float | None] = {}
+    for name, pid in pids.items():
+        split = proc_cpu_split(pid)
+        out[name] = None if split is None else split[0] + split[1]
+        out[f"{name}.sys"] = None if split is None else split[1]
+    return out
 
 
 def cpu_delta(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, float | None]:
@@ -594,6 +603,7 @@ def run_broadcast(
                 "token": b.service_token,
                 "connections": publish_connections,
                 "deadline_s": timeout + 30,
+                "uvloop": b.use_uvloop,
             },
         )
         for w in subs:
@@ -700,7 +710,7 @@ def run_broadcast(
     t_first_send = published["t_first_send"]
     span = max(1e-9, t_last - t_first_send)
     expected_total = sum(r["expected_deliveries"] for r in results)
-    sub_cpu = sum(v or 0.0 for k, v in cpu.items() if k.startswith("subscribers"))
+    sub_cpu = sum(v or 0.0 for k, v in cpu.items() if k.startswith("subscribers") and not k.endswith(".sys"))
     server_cpu = cpu["server"] or 0.0
     lats = summarize_latencies(lat)
     out: dict[str, Any] = {
@@ -732,6 +742,8 @@ def run_broadcast(
         "server_cpu_s": round(server_cpu, 3),
         "server_cpu_pct": round(100 * server_cpu / window, 1),
         "server_cpu_us_per_msg": round(1e6 * server_cpu / deliveries, 2) if deliveries else None,
+        "server_cpu_sys_share": round((cpu["server.sys"] or 0.0) / server_cpu, 2) if server_cpu else None,
+        "loadgen_subscribers_cpu_us_per_msg": round(1e6 * sub_cpu / deliveries, 2) if deliveries else None,
         "loadgen_subscribers_cpu_s": round(sub_cpu, 3),
         "loadgen_subscribers_cpu_pct": round(100 * sub_cpu / window, 1),
         "loadgen_publisher_cpu_s": cpu["publisher"],
@@ -824,7 +836,7 @@ def sc_connect(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, An
         failures.update(i["failures"])
     span = max(1e-9, max(i["t_end"] for i in infos) - min(i["t_start"] for i in infos))
     lats = summarize_latencies(lat_from(infos))
-    sub_cpu = sum(v or 0.0 for k, v in cpu.items() if k.startswith("subscribers"))
+    sub_cpu = sum(v or 0.0 for k, v in cpu.items() if k.startswith("subscribers") and not k.endswith(".sys"))
     server_cpu = cpu["server"] or 0.0
     return {
         "connected": ok,
@@ -840,6 +852,7 @@ def sc_connect(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, An
         "server_cpu_s": round(server_cpu, 3),
         "server_cpu_pct": round(100 * server_cpu / span, 1),
         "server_cpu_us_per_connection": round(1e6 * server_cpu / ok, 1) if ok else None,
+        "server_cpu_sys_share": round((cpu["server.sys"] or 0.0) / server_cpu, 2) if server_cpu else None,
         "loadgen_cpu_s": round(sub_cpu, 3),
         "loadgen_cpu_pct": round(100 * sub_cpu / span, 1),
         "server_log_problems": problems,
@@ -1029,6 +1042,7 @@ def summarize(
         "runs": len(runs),
         "quick": b.args.quick,
         "loadgen_subscriber_processes": b.workers,
+        "loadgen_loop": loop_name(b.use_uvloop),
         "loadgen_publisher_processes": 1 if name not in ("connect", "idle") else 0,
         "server_cmd": " ".join(Path(b.server_cmd[0]).name.split() + b.server_cmd[1:]),
         "server_env": {
@@ -1074,6 +1088,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="small counts: proves the harness end to end",
     )
     ap.add_argument("--workers", type=int, default=1, help="subscriber processes (default 1)")
+    ap.add_argument("--no-uvloop", action="store_true", help="run the load generator on plain asyncio")
     ap.add_argument("--dsn", help="use this PostgreSQL instead of an embedded one (it is seeded!)")
     ap.add_argument(
         "--server-cmd",

@@ -54,6 +54,20 @@ def median(values: Iterable[float | int | None]) -> float | int | None:
     return (a + b) / 2
 
 
+def parse_stat_cpu_split(text: str) -> tuple[float, float]:
+    """(utime, stime) in seconds from the text of /proc/<pid>/stat."""
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[14 - 3]) / CLK_TCK, int(rest[15 - 3]) / CLK_TCK
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return parse_stat_cpu_split(f.read())
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return None
+
+
 def parse_stat_cpu(text: str) -> float:
     """utime+stime in seconds from the text of /proc/<pid>/stat.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import time
@@ -202,9 +203,8 @@ class WSSubscriber(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.request)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+        transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.handshaking:
@@ -231,6 +231,17 @@ class WSSubscriber(asyncio.Protocol):
             if not data:
                 return
         now = _monotonic()
+        # fast path: exactly one small unfragmented text frame and nothing buffered (the common case)
+        n = len(data)
+        if n > 2 and data[0] == 0x81 and not self.parser.buf:
+            ln = data[1]
+            if ln < 126:
+                if n == ln + 2:
+                    self.on_text(data[2:], now)
+                    return
+            elif ln == 126 and n == ((data[2] << 8) | data[3]) + 4:
+                self.on_text(data[4:], now)
+                return
         for op, payload in self.parser.feed(data):
             if op == OP_TEXT:
                 self.on_text(payload, now)
@@ -384,11 +395,11 @@ class HTTPConn(asyncio.Protocol):
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
