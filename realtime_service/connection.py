@@ -98,6 +98,8 @@ class Connection:
 
     def ping(self) -> None:
         """Queue a protocol PING; its PONG will confirm what was written before it (PROTOCOL 3.7)."""
+        if self.phase is Phase.CLOSED:
+            return
         self.awaiting_pong = True
         self.outbox.ping()
         self.transport.wake()

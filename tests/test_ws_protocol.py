@@ -8,6 +8,7 @@ import itertools
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -463,11 +464,6 @@ async def test_permessage_deflate_off_by_default(service: Service) -> None:
 async def test_permessage_deflate_negotiated_when_configured(start_service: StartService) -> None:
     service = await start_service(ws_compression=True)
     uid, did = service.seed.owned()
-    answer = await handshake(service.ws_url(did), {"Sec-WebSocket-Extensions": "permessage-deflate",
-                                                   **auth(service.tokens.user(uid))})
-    answer.close()
-    assert answer.status == 101
-    assert "permessage-deflate" in answer.headers.get("sec-websocket-extensions", "")
     ws = await service.http.ws_connect(service.ws_url(did), headers=auth(service.tokens.user(uid)), compress=15)
     assert ws.compress == 15
     client = Client(ws).start()
@@ -475,6 +471,11 @@ async def test_permessage_deflate_negotiated_when_configured(start_service: Star
     await service.publish(did, "big", {"text": "abc" * 5000})
     assert (await client.next_of("big"))["data"]["text"] == "abc" * 5000
     await client.close()
+    answer = await handshake(service.ws_url(did), {"Sec-WebSocket-Extensions": "permessage-deflate",
+                                                   **auth(service.tokens.user(uid))})
+    answer.close()
+    assert answer.status == 101
+    assert "permessage-deflate" in answer.headers.get("sec-websocket-extensions", "")
 
 
 @pytest.mark.parametrize("bad_id", ["abc", "0", "-1", "1.5", "0x10", "1e3", "%201", "1%20"])
@@ -489,6 +490,16 @@ async def test_non_positive_integer_id_is_404_before_upgrade(service: Service, b
 
 # -- 3.10 slow consumers ---------------------------------------------------------------------------------------
 
+PAYLOAD = 16 * 1024
+
+
+def kernel_send_buffer_max() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 4 * 1024 * 1024
+
+
 async def test_slow_consumer_closed_while_others_get_everything(start_service: StartService) -> None:
     service = await start_service(outbox_max_messages=50, outbox_max_bytes=65536)
     uid, did = service.seed.owned()
@@ -502,18 +513,21 @@ async def test_slow_consumer_closed_while_others_get_everything(start_service: S
 
         await until(three, "the slow client to be attached")
         assert await metric(service, "realtime_slow_consumer_closes_total") == 0
-        payload = "x" * 4096
+        # The kernel absorbs up to tcp_wmem's maximum in the server's send buffer (autotuned, ~4 MiB): publish
+        # well past it, so the slow client's outbox has to fill.
+        payload = "x" * PAYLOAD
+        total = max(400, (kernel_send_buffer_max() + 2 * 1024 * 1024) // PAYLOAD)
         slowest = 0.0
-        for i in range(1, 401):
+        for i in range(1, total + 1):
             started = time.monotonic()
             result = await service.publish(did, "bulk", {"i": i, "payload": payload})
             slowest = max(slowest, time.monotonic() - started)
             assert result["offset"] == i
         for client in fast:
-            await client.wait_offset(400, timeout=20)
+            await client.wait_offset(total, timeout=20)
             bulk = client.of_type("bulk")
-            assert [f["offset"] for f in bulk] == list(range(1, 401))
-            assert [f["data"]["i"] for f in bulk] == list(range(1, 401))
+            assert [f["offset"] for f in bulk] == list(range(1, total + 1))
+            assert [f["data"]["i"] for f in bulk] == list(range(1, total + 1))
             assert not client.closed
         assert slowest < 1.0, f"a publish waited {slowest:.2f}s"
 

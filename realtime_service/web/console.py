@@ -68,7 +68,14 @@ def _signed_in(request: web.Request) -> bool:
 
 
 def _same_origin(request: web.Request) -> bool:
-    """A form post from another site is refused (the cookie is SameSite=Strict; this covers sign-in itself)."""
+    """A form post from another site is refused (the cookie is SameSite=Strict; this covers sign-in itself).
+
+    Browsers say where a request comes from (Sec-Fetch-Site, else Origin); a client that says neither is no
+    browser, so no other site can be behind it.
+    """
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("Origin")
     return origin is None or origin.lower() == f"{request.scheme}://{request.host}".lower()
 
@@ -76,7 +83,7 @@ def _same_origin(request: web.Request) -> bool:
 def _protect(response: web.StreamResponse) -> web.StreamResponse:
     """Keep console pages out of caches, history snapshots, referrers and frames; allow only our own assets."""
     response.headers["Cache-Control"] = "no-store"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Referrer-Policy"] = "same-origin"  # no-referrer would make our own form posts Origin: null
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = CSP

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ import jwt
 
 from .loadgen import die_with_parent, loop_name, publisher_main, subscriber_main
 from .stats import (
+    machine_busy,
     machine_info,
     median,
     proc_cpu_seconds,
@@ -537,7 +539,24 @@ def cpu_snapshot(pids: dict[str, int]) -> dict[str, float | None]:
         split = proc_cpu_split(pid)
         out[name] = None if split is None else split[0] + split[1]
         out[f"{name}.sys"] = None if split is None else split[1]
+    mb = machine_busy()
+    out["machine"] = None if mb is None else mb[0]
+    out["machine.steal"] = None if mb is None else mb[1]
     return out
+
+
+def interference(cpu: dict[str, float | None], window: float) -> dict[str, Any]:
+    """CPU that processes outside the benchmark used during the window (other jobs on the machine
+    make every figure worse; see README), and hypervisor steal."""
+    ours = sum(v or 0.0 for k, v in cpu.items() if "." not in k and k != "machine")
+    busy = cpu.get("machine")
+    steal = cpu.get("machine.steal")
+    other = None if busy is None else max(0.0, busy - ours)
+    return {
+        "other_processes_cpu_pct": None if other is None else round(100 * other / window, 1),
+        "steal_cpu_pct": None if steal is None else round(100 * steal / window, 1),
+        "loadavg_1m": os.getloadavg()[0],
+    }
 
 
 def cpu_delta(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, float | None]:
@@ -700,7 +719,7 @@ def run_broadcast(
                     "slow_wait": 10.0 if slow_spec is not None else 0.0,
                 },
             )
-        results = [w.expect("result", Deadline(max(5.0, min(30.0, deadline.left())))) for w in subs]
+        results = [w.expect("result", Deadline(max(15.0, min(30.0, deadline.left())))) for w in subs]
         problems = srv.log_problems()
     cpu = cpu_delta(cpu0, cpu1)
     window = max(1e-9, t_window_end - t0)
@@ -748,6 +767,7 @@ def run_broadcast(
         "loadgen_subscribers_cpu_pct": round(100 * sub_cpu / window, 1),
         "loadgen_publisher_cpu_s": cpu["publisher"],
         "loadgen_publisher_cpu_pct": round(100 * (cpu["publisher"] or 0.0) / window, 1),
+        **interference(cpu, window),
         "server_rss_kb_before": rss_before,
         "server_rss_kb_after": rss_after,
         "server_alive_after": server_alive,
@@ -855,6 +875,7 @@ def sc_connect(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, An
         "server_cpu_sys_share": round((cpu["server.sys"] or 0.0) / server_cpu, 2) if server_cpu else None,
         "loadgen_cpu_s": round(sub_cpu, 3),
         "loadgen_cpu_pct": round(100 * sub_cpu / span, 1),
+        **interference(cpu, span),
         "server_log_problems": problems,
     }
 
@@ -1037,6 +1058,12 @@ def summarize(
             fig["ok"] = check(op, tv, med)
         figures[k] = fig
     oks = [f["ok"] for f in figures.values() if "ok" in f]
+    warnings = []
+    for i, r in enumerate(runs, 1):
+        for key in ("other_processes_cpu_pct", "steal_cpu_pct"):
+            v = r.get(key, r.get("slow_run", {}).get(key))
+            if isinstance(v, (int, float)) and v > 10:
+                warnings.append(f"run {i}: {key}={v}: other load on the machine, timings are pessimistic")
     conditions: dict[str, Any] = {
         **params,
         "runs": len(runs),
@@ -1063,6 +1090,7 @@ def summarize(
         "ok": (all(o is True for o in oks) if oks and not errors else False),
         "figures": figures,
         "errors": errors,
+        "warnings": warnings,
         "per_run": runs,
     }
 
@@ -1166,9 +1194,12 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.monotonic()
                 try:
                     results.append(RUNNERS[name](b, params, i, name))
-                except (BenchError, OSError) as e:
-                    errors.append(f"run {i}: {e}")
-                    log(f"{name} run {i} failed: {e}")
+                except Exception as e:
+                    errors.append(f"run {i}: {type(e).__name__}: {e}")
+                    if isinstance(e, (BenchError, OSError)):
+                        log(f"{name} run {i} failed: {e}")
+                    else:
+                        log(f"{name} run {i} failed:\n{traceback.format_exc()}")
                     b.kill_all()
                 log(f"{name} run {i} finished in {time.monotonic() - t:.1f}s")
             line = summarize(name, params, results, b, errors)

@@ -18,6 +18,7 @@ from .run import kill_pid
 from .stats import (
     count_offsets,
     median,
+    parse_proc_stat_busy,
     parse_stat_cpu,
     parse_status_kb,
     percentile,
@@ -70,6 +71,9 @@ def check_proc() -> None:
     assert rss is not None
     assert rss > 1000
     assert proc_cpu_seconds(2**22 + 12345) is None
+    busy, steal = parse_proc_stat_busy("cpu  100 5 50 1000 7 3 2 9 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert abs(busy - 160 / os.sysconf("SC_CLK_TCK")) < 1e-9
+    assert abs(steal - 9 / os.sysconf("SC_CLK_TCK")) < 1e-9
     # a busy loop is visible in utime
     t0 = proc_cpu_seconds(os.getpid()) or 0.0
     end = time.process_time() + 0.2

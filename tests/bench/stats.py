@@ -90,6 +90,29 @@ def proc_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def parse_proc_stat_busy(text: str) -> tuple[float, float]:
+    """(busy, steal) seconds of the whole machine from the text of /proc/stat ("cpu " line).
+
+    busy = user + nice + system + irq + softirq (+ guest is already inside user); idle and
+    iowait are not busy; steal is time the hypervisor gave to someone else.
+    """
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            f = [int(x) for x in line.split()[1:]]
+            f += [0] * (8 - len(f))
+            user, nice, system, _idle, _iowait, irq, softirq, steal = f[:8]
+            return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+    raise ValueError("no cpu line in /proc/stat")
+
+
+def machine_busy() -> tuple[float, float] | None:
+    try:
+        with open("/proc/stat") as f:
+            return parse_proc_stat_busy(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def parse_status_kb(text: str, key: str = "VmRSS") -> int | None:
     """A kB value (e.g. VmRSS, VmHWM) from the text of /proc/<pid>/status."""
     for line in text.splitlines():
