@@ -11,6 +11,7 @@ from typing import Protocol
 
 from realtime_service.errors import CloseReason
 from realtime_service.outbox import Outbox
+from realtime_service.protocol import wsframe
 
 
 class Transport(Protocol):
@@ -56,7 +57,7 @@ class Connection:
         self.close_reason: CloseReason | None = None
 
     def deliver(self, frame: bytes, offset: int | None) -> bool:
-        """Hand a live frame over; False when the connection is closed or just overflowed (and is closing)."""
+        """Hand a live frame over, already WebSocket-framed (`wsframe.text`); False when closed or overflowing."""
         if self.phase is Phase.LIVE:
             if self.outbox.offer(frame, offset):
                 if offset is not None and offset > self.highest_sent:
@@ -76,7 +77,7 @@ class Connection:
     def go_live(self, first: list[bytes], seen_up_to: int) -> None:
         """Send the connect frame and replay, then live frames buffered meanwhile that come after `seen_up_to`."""
         for frame in first:
-            self.outbox.force(frame)
+            self.outbox.force(wsframe.text(frame))
         self.highest_sent = max(self.highest_sent, seen_up_to)
         pending, self.pending = self.pending, []
         self.phase = Phase.LIVE
@@ -88,10 +89,10 @@ class Connection:
         self.transport.wake()
 
     def reply(self, frame: bytes) -> None:
-        """Answer the client (pong, error) through the same outbox, so the writer stays the only writer."""
+        """Answer the client (pong, error; JSON bytes) through the outbox, so frames leave in order."""
         if self.phase is Phase.CLOSED:
             return
-        if self.outbox.offer(frame):
+        if self.outbox.offer(wsframe.text(frame)):
             self.transport.wake()
         else:
             self.close(CloseReason.SLOW_CONSUMER)

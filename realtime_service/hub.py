@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from realtime_service.connection import Connection
+from realtime_service.protocol import wsframe
 
 
 class Hub:
@@ -38,10 +39,14 @@ class Hub:
 
     def fanout(self, diagnosis_id: int, frame: bytes, offset: int | None, exclude_session: str | None = None,
                user_id: int | None = None) -> int:
-        """Hand one encoded frame to every matching connection; returns how many took it."""
+        """Hand one encoded frame to every matching connection; returns how many took it.
+
+        The frame is WebSocket-framed here, once, and the same bytes go to every outbox.
+        """
         conns = self._by_diagnosis.get(diagnosis_id)
         if not conns:
             return 0
+        frame = wsframe.text(frame)
         delivered = 0
         for conn in list(conns.values()):
             if conn.session == exclude_session or (user_id is not None and conn.user_id != user_id):

@@ -9,6 +9,7 @@ from aiohttp import web
 from realtime_service.metrics import Metrics
 from realtime_service.node import Node
 from realtime_service.settings import Settings
+from realtime_service.web.transport import Flusher
 
 
 @dataclass(slots=True)
@@ -19,6 +20,7 @@ class AppState:
     node: Node
     metrics: Metrics
     demo_tokens: dict[str, str] = field(default_factory=dict)
+    flusher: Flusher = field(default_factory=Flusher)
 
 
 STATE = web.AppKey("realtime_state", AppState)

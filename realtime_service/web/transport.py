@@ -1,9 +1,10 @@
-"""A Connection's Transport over aiohttp: a writer task drains the outbox; the handler closes.
+"""A Connection's Transport over aiohttp: batched direct writes of pre-framed bytes; the handler closes.
 
-Fan-out only queues and wakes; the writer task alone awaits the network, so a slow client stalls nobody else.
-Closing is done by the handler task after the reader task is stopped: aiohttp closes the socket at once when
-`close()` races a pending `receive()`, which loses the close frame (and queued frames) to a TCP reset when the
-client is still sending.
+Fan-out only queues and marks the connection; once per event-loop iteration the Flusher writes each marked
+connection's queue with one `transport.write` of frames framed once per broadcast. Only a connection whose socket
+pushes back gets a task, which waits for the socket to drain: a slow client stalls nobody else, and an idle one
+costs no task. Closing is done by the handler after the reader stops: aiohttp closes the socket at once when
+`close()` races a pending `receive()`, which loses the close frame to a TCP reset while the client still sends.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import asyncio
 import contextlib
 import logging
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from realtime_service.connection import Connection
 from realtime_service.errors import CloseReason
 from realtime_service.metrics import Metrics
 from realtime_service.outbox import PING
+from realtime_service.protocol import wsframe
 
 log = logging.getLogger("realtime.ws")
 
@@ -26,29 +28,61 @@ CLOSE_HANDSHAKE = 2.0
 ABORT_AFTER = 5.0  # seconds a closed connection may keep unsent bytes
 
 
+class Flusher:
+    """Writes every connection that got frames during this loop iteration, once, right after it."""
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[WebSocketTransport] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, transport: WebSocketTransport) -> None:
+        self._dirty.append(transport)
+        if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for transport in dirty:
+            transport.flush()
+
+
 class WebSocketTransport:
-    """Writer task and close sequence for one WebSocketResponse."""
+    """Writes and the close sequence for one WebSocketResponse."""
 
-    __slots__ = ("_done", "_idle", "_wake", "_writer", "conn", "metrics", "request", "ws")
+    __slots__ = ("_done", "_drainer", "_idle", "_marked", "_stopped", "conn", "direct", "flusher", "metrics",
+                 "request", "ws")
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, metrics: Metrics) -> None:
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, metrics: Metrics, flusher: Flusher,
+                 direct: bool = True) -> None:
         self.ws = ws
         self.request = request
         self.metrics = metrics
+        self.flusher = flusher
+        self.direct = direct  # False with permessage-deflate: frames then go through aiohttp's writer
         self.conn: Connection | None = None
-        self._wake = asyncio.Event()
+        self._marked = False
+        self._stopped = False
         self._idle = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._idle.set()
+        self._drainer: asyncio.Task[None] | None = None
         self._done: asyncio.Future[CloseReason | None] = asyncio.get_running_loop().create_future()
 
     def start(self, conn: Connection) -> None:
         self.conn = conn
-        self._writer = asyncio.create_task(self._write_loop())
 
     # -- Transport ---------------------------------------------------------------------------------
     def wake(self) -> None:
         self._idle.clear()
-        self._wake.set()
+        if not self._marked and self._drainer is None and not self._stopped:
+            self._marked = True
+            self.flusher.mark(self)
 
     def close(self, reason: CloseReason) -> None:
         if not self._done.done():
@@ -63,40 +97,103 @@ class WebSocketTransport:
             self.metrics.disconnects.labels("client").inc()
             self._done.set_result(None)
 
-    # -- tasks ---------------------------------------------------------------------------------------
-    async def _write_loop(self) -> None:
+    # -- writing ---------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write what is queued now, or hand it to the drain task when the socket pushes back."""
+        self._marked = False
         conn = self.conn
+        if conn is None or self._stopped or self._drainer is not None:
+            return
+        if not conn.outbox:
+            self._idle.set()
+            return
+        protocol = self.request.protocol
+        if not self.direct or (protocol is not None and protocol.writing_paused):
+            self._drainer = asyncio.create_task(self._drain())
+            return
+        self._write_queued()
+
+    def _write_queued(self) -> None:
+        conn = self.conn
+        transport = self.request.transport
         assert conn is not None
-        outbox, ws = conn.outbox, self.ws
-        try:
-            while True:
-                while outbox:
-                    frame, offset = outbox.pop()
-                    if frame is PING:
-                        conn.ping_seq += 1
-                        conn.ping_marks[conn.ping_seq] = conn.written_offset
-                        await ws.ping(str(conn.ping_seq).encode())
-                        continue
-                    await ws.send_frame(frame, WSMsgType.TEXT)
-                    if offset is not None:
-                        conn.written_offset = offset
-                self._idle.set()
-                await self._wake.wait()
-                self._wake.clear()
-        except (ConnectionError, RuntimeError):
+        outbox = conn.outbox
+        if transport is None or transport.is_closing():
             outbox.clear()
             self._idle.set()
             self.peer_gone()
+            return
+        chunks: list[bytes] = []
+        written = conn.written_offset
+        while outbox:
+            frame, offset = outbox.pop()
+            if frame is PING:
+                conn.ping_seq += 1
+                conn.ping_marks[conn.ping_seq] = written
+                chunks.append(wsframe.ping(str(conn.ping_seq).encode()))
+                continue
+            chunks.append(frame)
+            if offset is not None:
+                written = offset
+        transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        conn.written_offset = written
+        self._idle.set()
 
+    async def _drain(self) -> None:
+        """The socket pushed back: wait until it drains, write, repeat until the queue is empty."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            while conn.outbox and not self._stopped:
+                await self._writable()
+                if self.direct:
+                    self._write_queued()
+                else:
+                    await self._write_through_aiohttp()
+        except (ConnectionError, RuntimeError):
+            conn.outbox.clear()
+            self.peer_gone()
+        finally:
+            self._drainer = None
+            if not conn.outbox:
+                self._idle.set()
+
+    async def _writable(self) -> None:
+        protocol = self.request.protocol
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        if protocol is None or not protocol.writing_paused:
+            return
+        # aiohttp's own writers wait on this too (there is no public drain on a server response)
+        await protocol._drain_helper()
+
+    async def _write_through_aiohttp(self) -> None:
+        """With compression on, aiohttp must frame (and deflate) each message itself."""
+        conn = self.conn
+        assert conn is not None
+        while conn.outbox:
+            frame, offset = conn.outbox.pop()
+            if frame is PING:
+                conn.ping_seq += 1
+                conn.ping_marks[conn.ping_seq] = conn.written_offset
+                await self.ws.ping(str(conn.ping_seq).encode())
+                continue
+            await self.ws.send_str(_payload(frame).decode())
+            if offset is not None:
+                conn.written_offset = offset
+
+    # -- closing -----------------------------------------------------------------------------------------
     async def run_until_closed(self, reader: asyncio.Task[None]) -> None:
         """Wait for a close request or the peer's departure, then close in order and free everything."""
         reason = await self._done
-        conn, writer = self.conn, self._writer
-        if reason is not None and reason is not CloseReason.SLOW_CONSUMER and writer is not None:
-            self._wake.set()
+        conn = self.conn
+        if reason is not None and reason is not CloseReason.SLOW_CONSUMER and conn is not None:
+            self.flush()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), FLUSH_BEFORE_CLOSE)
-        for task in (writer, reader):
+        self._stopped = True
+        for task in (self._drainer, reader):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -119,3 +216,9 @@ class WebSocketTransport:
                 # A client that never reads would hold the write buffer forever: give the close frame time to
                 # leave, then cut the connection.
                 asyncio.get_running_loop().call_later(ABORT_AFTER, transport.abort)
+
+
+def _payload(frame: bytes) -> bytes:
+    """The payload of a frame made by wsframe (unmasked, so the header is 2, 4 or 10 bytes)."""
+    size = frame[1] & 0x7F
+    return frame[2 + (2 if size == 126 else 8 if size == 127 else 0):]

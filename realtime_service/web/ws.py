@@ -131,7 +131,7 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
     """The live part of a connection: attach, read until closed, detach."""
     settings, node = state.settings, state.node
     loop = asyncio.get_running_loop()
-    transport = WebSocketTransport(ws, request, state.metrics)
+    transport = WebSocketTransport(ws, request, state.metrics, state.flusher, direct=not settings.ws_compression)
     assert principal.user_id is not None
     conn = Connection(str(uuid.uuid4()), diagnosis_id, principal.user_id, resume.device,
                       Outbox(settings.outbox_max_bytes, settings.outbox_max_messages), transport,
