@@ -67,9 +67,9 @@ def start_dev(workdir: Path, port: int) -> tuple[subprocess.Popen[str], dict[str
     raise SystemExit("realtime-service dev did not answer /healthz")
 
 
-def publish(port: int, token: str, diagnosis_id: int, type_: str, data: object) -> None:
-    body = json.dumps({"diagnosis_id": diagnosis_id, "type": type_, "data": data}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/publish", data=body, method="POST",
+def post(port: int, token: str, path: str, body: dict[str, object]) -> None:
+    """Publish the way the main API does: a POST with a service token."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST",
                                      headers={"Authorization": f"Bearer {token}",
                                               "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=5) as response:
@@ -81,18 +81,20 @@ async def shoot(port: int, banner: dict[str, str], out: Path) -> None:
     did = int(banner["diagnosis_id"])
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = await browser.new_page(viewport={"width": 1360, "height": 800}, device_scale_factor=1)
+        page = await browser.new_page(viewport={"width": 1360, "height": 860}, device_scale_factor=1)
         await page.goto(f"http://127.0.0.1:{port}/console")
         await page.click("#connect")
         await expect(page.locator('#frame-rows tr[data-type="connect"]')).to_have_count(1, timeout=10_000)
-        publish(port, banner["service"], did, "recommendation_update",
-                {"new_recommendation": {"herb": "chamomile", "dose": "2 cups"}, "reason": "sleep quality"})
-        publish(port, banner["service"], did, "effectiveness_update",
-                {"recommendation_id": 7, "new_effectiveness": 0.82, "confidence": 0.9, "sample_size": 41})
-        await page.fill("#publish-type", "feedback_update")
-        await page.fill("#publish-data", '{"feedback_id": 31, "rating": 5, "effectiveness": 0.9}')
+        post(port, banner["service"], "/ws/broadcast-recommendation-update",
+             {"diagnosis_id": did, "old_data": {"herb": "valerian", "dose": "1 cup"},
+              "new_data": {"herb": "chamomile", "dose": "1 cup"}, "reason": "better sleep reported"})
+        post(port, banner["service"], "/ws/broadcast-effectiveness-update",
+             {"diagnosis_id": did, "recommendation_id": 7, "herb": "chamomile", "new_effectiveness": 0.82,
+              "old_effectiveness": 0.64, "confidence": 0.9, "sample_size": 41})
+        await page.fill("#publish-type", "care_plan_note")
+        await page.fill("#publish-data", '{"note": "evening routine updated", "by": "dr-lee"}')
         await page.click("#publish")
-        await expect(page.locator('#frame-rows tr[data-type="feedback_update"]')).to_have_count(1, timeout=10_000)
+        await expect(page.locator('#frame-rows tr[data-type="care_plan_note"]')).to_have_count(1, timeout=10_000)
         await page.click("#ping")
         await expect(page.locator('#frame-rows tr[data-type="pong"]')).to_have_count(1, timeout=10_000)
         await expect(page.locator("#total-connections")).to_have_text("1", timeout=10_000)

@@ -76,8 +76,9 @@ class Connection:
 
     def go_live(self, first: list[bytes], seen_up_to: int) -> None:
         """Send the connect frame and replay, then live frames buffered meanwhile that come after `seen_up_to`."""
-        for frame in first:
-            self.outbox.force(wsframe.text(frame))
+        for index, frame in enumerate(first):
+            # The last of these frames brings the client up to `seen_up_to`: a PONG after it confirms that much.
+            self.outbox.force(wsframe.text(frame), seen_up_to if index == len(first) - 1 else None)
         self.highest_sent = max(self.highest_sent, seen_up_to)
         pending, self.pending = self.pending, []
         self.phase = Phase.LIVE

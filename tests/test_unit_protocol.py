@@ -519,10 +519,21 @@ def make_conn(session: str, diagnosis_id: int = 1, user_id: int = 10, max_messag
     return conn, transport
 
 
+def unframe(frame: bytes) -> bytes:
+    """The payload of a frame queued for the socket: outboxes may hold ready-made RFC 6455 text frames."""
+    if frame[:1] != b"\x81":
+        return frame
+    size = frame[1] & 0x7F
+    start = 2 if size < 126 else 4 if size == 126 else 10
+    return frame[start:]
+
+
 def drain(conn: Connection) -> list[tuple[bytes, int | None]]:
+    """Everything queued for the client, as payloads, in order."""
     out = []
     while conn.outbox:
-        out.append(conn.outbox.pop())
+        frame, offset = conn.outbox.pop()
+        out.append((unframe(frame), offset))
     return out
 
 

@@ -1195,7 +1195,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     results.append(RUNNERS[name](b, params, i, name))
                 except Exception as e:
-                    errors.append(f"run {i}: {type(e).__name__}: {e}")
+                    errors.append(f"run {i}: {type(e).__name__}: {str(e).strip()}")
                     if isinstance(e, (BenchError, OSError)):
                         log(f"{name} run {i} failed: {e}")
                     else:

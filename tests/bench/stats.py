@@ -51,6 +51,8 @@ def median(values: Iterable[float | int | None]) -> float | int | None:
     a, b = s[mid - 1], s[mid]
     if isinstance(a, bool) or isinstance(b, bool):
         return a and b
+    if a == b:
+        return a
     return (a + b) / 2
 
 

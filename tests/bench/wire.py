@@ -274,7 +274,18 @@ class WSSubscriber(asyncio.Protocol):
     def on_text(self, payload: bytes, now: float) -> None:
         sink = self.sink
         if self.connect_frame is None:
-            msg = _loads(payload)
+            try:
+                msg = _loads(payload)
+                if not isinstance(msg, dict):
+                    raise TypeError("not an object")
+            except (orjson.JSONDecodeError, TypeError):
+                # report what the server sent instead of a connect frame, then give up on this connection
+                self.ended = "bad_first_frame:" + bytes(payload[:80]).decode("utf-8", "replace")
+                if not self.connected.done():
+                    self.connected.set_exception(ClosedBeforeConnect(None, self.ended))
+                if self.transport is not None:
+                    self.transport.close()
+                return
             if msg.get("type") == "connect":
                 self.connect_frame = msg
                 if not self.connected.done():
@@ -285,8 +296,12 @@ class WSSubscriber(asyncio.Protocol):
                 sink.other_frames += 1
             return
         self.frames_seen += 1
-        msg = _loads(payload)
-        off = msg.get("offset")
+        try:
+            msg = _loads(payload)
+            off = msg.get("offset")
+        except (orjson.JSONDecodeError, AttributeError):
+            sink.other_frames += 1
+            return
         if off is None:
             sink.other_frames += 1
             return
