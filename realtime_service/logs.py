@@ -37,13 +37,14 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {"time": utc_now(), "level": record.levelname, "logger": record.name,
-                                 "message": redact(record.getMessage())}
+                                 "message": record.getMessage()}
         for key, value in vars(record).items():
             if key not in self.RESERVED and not key.startswith("_"):
-                entry[key] = redact(value) if isinstance(value, str) else value
+                entry[key] = value
         if record.exc_info:
-            entry["exception"] = redact(self.formatException(record.exc_info))
-        return orjson.dumps(entry, default=str).decode()
+            entry["exception"] = self.formatException(record.exc_info)
+        # Redact the finished line: no field, however nested, can carry a token past this point.
+        return redact(orjson.dumps(entry, default=str).decode())
 
 
 def configure_logging(level: str) -> None:

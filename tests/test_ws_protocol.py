@@ -4,6 +4,7 @@ compression, ids, slow consumers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -130,12 +131,27 @@ async def test_first_frame_not_auth_closes_invalid_token_at_once(start_service: 
     assert not client.of_type("connect")
 
 
-async def test_auth_timeout_is_measured(start_service: StartService) -> None:
+@pytest.mark.parametrize("pinging", [False, True], ids=["silent", "protocol_pings_only"])
+async def test_auth_timeout_is_measured(start_service: StartService, pinging: bool) -> None:
     service = await start_service(auth_timeout=0.5)
     _, did = service.seed.owned()
     started = time.monotonic()
     client = await service.open(did, None, "none")
-    assert await client.wait_closed(timeout=5) == 1008
+
+    async def keep_pinging() -> None:
+        while not client.ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await client.ws.ping()
+            await asyncio.sleep(0.1)
+
+    pinger = asyncio.create_task(keep_pinging()) if pinging else None
+    try:
+        assert await client.wait_closed(timeout=5) == 1008
+    finally:
+        if pinger is not None:
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinger
     elapsed = time.monotonic() - started
     assert client.close_reason == "auth_timeout"
     assert 0.45 <= elapsed <= 1.5, elapsed
@@ -197,6 +213,19 @@ async def test_token_expiry_while_connected_is_measured(start_service: StartServ
     closed_at = time.time()
     assert client.close_reason == "token_expired"
     assert exp - 0.1 <= closed_at <= exp + 1.0, closed_at - exp
+
+
+async def test_leeway_is_honoured_at_connect_and_while_connected(start_service: StartService) -> None:
+    leeway = 3
+    service = await start_service(jwt_leeway=leeway)
+    uid, did = service.seed.owned()
+    token = service.tokens.user(uid, ttl=-1)  # expired 1-2 s ago, within the leeway
+    exp = exp_of(token)
+    client = await service.connect(did, token)
+    assert await client.wait_closed(timeout=5) == 1008
+    closed_at = time.time()
+    assert client.close_reason == "token_expired"
+    assert exp + leeway - 0.1 <= closed_at <= exp + leeway + 1.0, closed_at - exp
 
 
 async def test_rate_limited(start_service: StartService) -> None:

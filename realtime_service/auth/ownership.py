@@ -32,6 +32,12 @@ class OwnershipSource(Protocol):
     async def close(self) -> None: ...
 
 
+def _retrieve(future: asyncio.Future[int | None]) -> None:
+    # Every caller may have gone; the failure is theirs to see, not the event loop's to log.
+    if not future.cancelled():
+        future.exception()
+
+
 class OwnershipChecker:
     """Cache and single-flight around an OwnershipSource."""
 
@@ -42,6 +48,7 @@ class OwnershipChecker:
         self._clock = clock
         self._cache: dict[int, tuple[int | None, float]] = {}
         self._inflight: dict[int, asyncio.Future[int | None]] = {}
+        self._generation = 0  # bumped by forget(): answers of lookups started before it are not cached
         self._on_lookup = on_lookup or (lambda outcome: None)
 
     @property
@@ -51,30 +58,30 @@ class OwnershipChecker:
     async def owner_of(self, diagnosis_id: int) -> int | None:
         """The owner's id, None if the diagnosis does not exist; raises OwnershipUnavailable."""
         hit = self._cache.get(diagnosis_id)
-        now = self._clock()
-        if hit is not None and hit[1] > now:
+        if hit is not None and hit[1] > self._clock():
             self._on_lookup("hit")
             return hit[0]
         pending = self._inflight.get(diagnosis_id)
         if pending is not None:
             self._on_lookup("shared")
-            return await asyncio.shield(pending)
-        self._on_lookup("miss")
-        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._inflight[diagnosis_id] = future
+        else:
+            self._on_lookup("miss")
+            # A task of its own: a caller that gives up (its client left) does not cancel the others' answer.
+            pending = asyncio.ensure_future(self._lookup(diagnosis_id))
+            pending.add_done_callback(_retrieve)
+            self._inflight[diagnosis_id] = pending
+        return await asyncio.shield(pending)
+
+    async def _lookup(self, diagnosis_id: int) -> int | None:
+        generation = self._generation
         try:
             owner = await self._source.owner_of(diagnosis_id)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters may be none
-            raise
-        else:
-            future.set_result(owner)
-            if self._ttl > 0:
-                self._remember(diagnosis_id, owner)
-            return owner
         finally:
-            self._inflight.pop(diagnosis_id, None)
+            if self._inflight.get(diagnosis_id) is asyncio.current_task():
+                del self._inflight[diagnosis_id]
+        if self._ttl > 0 and generation == self._generation:
+            self._remember(diagnosis_id, owner)
+        return owner
 
     def _remember(self, diagnosis_id: int, owner: int | None) -> None:
         if len(self._cache) >= MAX_CACHED:
@@ -86,8 +93,10 @@ class OwnershipChecker:
         self._cache[diagnosis_id] = (owner, self._clock() + self._ttl)
 
     def forget(self, diagnosis_id: int) -> None:
-        """Drop the cached decision (revoke endpoint)."""
+        """Drop the cached decision (revoke endpoint); a lookup already under way is not joined or cached."""
         self._cache.pop(diagnosis_id, None)
+        self._inflight.pop(diagnosis_id, None)
+        self._generation += 1
 
     async def require_exists(self, diagnosis_id: int) -> int:
         """The owner; DiagnosisNotFound if there is none."""

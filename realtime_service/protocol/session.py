@@ -78,7 +78,7 @@ def parse_resume(since: Any, epoch: Any, device: Any) -> ResumeRequest | str:
     """Validate resume fields from a query string or an auth frame; a string is the complaint."""
     if since is not None:
         if isinstance(since, str):
-            if not since.isdigit():
+            if not (since.isascii() and since.isdigit()):
                 return "since must be a non-negative integer"
             since = int(since)
         if not isinstance(since, int) or isinstance(since, bool) or since < 0:

@@ -80,6 +80,11 @@ def _same_origin(request: web.Request) -> bool:
     return origin is None or origin.lower() == f"{request.scheme}://{request.host}".lower()
 
 
+def _https(request: web.Request) -> bool:
+    """HTTPS here or at the TLS proxy in front; trusting the header only ever makes the cookie stricter."""
+    return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+
+
 def _protect(response: web.StreamResponse) -> web.StreamResponse:
     """Keep console pages out of caches, history snapshots, referrers and frames; allow only our own assets."""
     response.headers["Cache-Control"] = "no-store"
@@ -136,7 +141,7 @@ async def console_sign_in(request: web.Request) -> web.StreamResponse:
     sessions[session] = now + SESSION_TTL
     response = web.Response(status=303, headers={"Location": "/console"})
     response.set_cookie(COOKIE, session, max_age=int(SESSION_TTL), httponly=True, samesite="Strict",
-                        path="/console", secure=request.secure)
+                        path="/console", secure=_https(request))
     return _protect(response)
 
 
