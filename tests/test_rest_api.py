@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import jwt
+import psycopg2
 import pytest
 
 from tests.conftest import free_port
@@ -580,6 +581,27 @@ async def test_presence_users_connections_devices(service: Service) -> None:
         return bool(now["users"] == [])
 
     await until(gone, "presence to empty")
+
+
+async def test_every_bigint_id_works_on_every_endpoint(service: Service) -> None:
+    """Ids are bigint in the main API: a 19-digit id is as valid for presence as it is for publish."""
+    uid = service.seed.user()
+    did = 10**18 + service.seed.unknown()
+    conn = psycopg2.connect(service.seed.dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO diagnoses (id, user_id) VALUES (%s, %s)", (did, uid))
+    finally:
+        conn.close()
+    status, body, _ = await call(service, "POST", "/api/v1/publish", {"diagnosis_id": did, "type": "x", "data": {}})
+    assert status == 200, body
+    for path in (f"/api/v1/diagnoses/{did}/presence", f"/api/v1/diagnoses/{did}/deliveries"):
+        status, body, _ = await call(service, "GET", path)
+        assert status == 200, (path, body)
+        assert body["diagnosis_id"] == did
+    status, body, _ = await call(service, "POST", "/api/v1/publish", {"diagnosis_id": 2**63, "type": "x", "data": {}})
+    assert named(assert_envelope(status, body, 422), "diagnosis_id"), body
 
 
 async def test_healthz_and_readyz(service: Service) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import psycopg2
 import pytest
 
 from tests.fixtures_app import Service, StartService
@@ -515,6 +516,39 @@ async def test_non_positive_integer_id_is_404_before_upgrade(service: Service, b
     answer.close()
     assert answer.status == 404
     assert "sec-websocket-accept" not in answer.headers
+
+
+def insert_diagnosis(service: Service, did: int, owner: int) -> None:
+    conn = psycopg2.connect(service.seed.dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO diagnoses (id, user_id) VALUES (%s, %s)", (did, owner))
+    finally:
+        conn.close()
+
+
+async def test_largest_bigint_ids_are_positive_integers_too(service: Service) -> None:
+    """Ids are bigint in the main API (snowflake-style ids have 19 digits); REST accepts them, so must the socket."""
+    uid = service.seed.user()
+    for did in (10**18 + service.seed.unknown(), 2**63 - 1 - service.seed.unknown()):
+        insert_diagnosis(service, did, uid)
+        answer = await handshake(service.ws_url(did), auth(service.tokens.user(uid)))
+        answer.close()
+        assert answer.status == 101, f"diagnosis {did} ({len(str(did))} digits) refused with {answer.status}"
+        client = await service.connect(did, service.tokens.user(uid))
+        assert client.frames[0]["diagnosis_id"] == did
+        assert (await service.publish(did))["offset"] == 1
+        assert (await client.next_of("test_event"))["diagnosis_id"] == did
+        await client.close()
+
+
+async def test_ids_beyond_bigint_are_404(service: Service) -> None:
+    uid, _ = service.seed.owned()
+    for did in (2**63, 10**19, 10**30):
+        answer = await handshake(service.ws_url(did), auth(service.tokens.user(uid)))
+        answer.close()
+        assert answer.status == 404, did
 
 
 # -- 3.10 slow consumers ---------------------------------------------------------------------------------------

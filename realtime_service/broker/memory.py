@@ -19,6 +19,10 @@ class _Stream:
     entries: deque[tuple[float, Publication]] = field(default_factory=deque)
 
 
+MAX_DEVICES_PER_USER = 64  # device ids are client-chosen: bound what one user can make the node remember
+MAX_IDEMPOTENCY_RECORDS = 200_000
+
+
 def _new_epoch() -> str:
     return secrets.token_hex(8)
 
@@ -108,6 +112,10 @@ class MemoryBroker:
         per = self._cursors.setdefault(diagnosis_id, {})
         cursor = per.get((user_id, device))
         if cursor is None:
+            mine = [c for c in per.values() if c.user_id == user_id]
+            if len(mine) >= MAX_DEVICES_PER_USER:
+                stalest = min(mine, key=lambda c: c.confirmed_at)
+                del per[(user_id, stalest.device)]
             cursor = per[(user_id, device)] = Cursor(user_id, device, position.offset, position.epoch, self._wall())
         return cursor
 
@@ -150,4 +158,6 @@ class MemoryBroker:
 
     async def store_idempotent_result(self, scope: str, key: str, result: bytes) -> None:
         self._expire_idempotency()
+        while len(self._idempotency) >= MAX_IDEMPOTENCY_RECORDS:
+            self._idempotency.popitem(last=False)
         self._idempotency[(scope, key)] = (self._clock() + self._idempotency_ttl, result)
