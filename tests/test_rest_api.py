@@ -380,6 +380,18 @@ async def test_unauthorized_is_401_without_echoing_the_token(service: Service, c
     assert (await service.publish(did))["offset"] == 1
 
 
+@pytest.mark.parametrize("scope", ["realtime:publish", "openid realtime:publish email", ["email", "realtime:publish"]],
+                         ids=["string", "space_separated", "list"])
+async def test_service_token_scope_forms(service: Service, scope: Any) -> None:
+    _, did = service.seed.owned()
+    token = service.tokens.encode({"sub": "main-api", "scope": scope, "exp": int(time.time()) + 60})
+    status, body, _ = await call(service, "POST", "/api/v1/publish", {"diagnosis_id": did, "type": "x", "data": {}},
+                                 token=token)
+    assert status == 200, body
+    status, body, _ = await call(service, "GET", f"/api/v1/diagnoses/{did}/presence", token=token)
+    assert status == 200, body
+
+
 async def test_user_token_forbidden_on_others_diagnosis_and_service_endpoints(service: Service) -> None:
     uid, did = service.seed.owned()
     _, other_did = service.seed.owned()

@@ -102,6 +102,15 @@ async def test_auth_frame_carries_device_and_connects(service: Service) -> None:
     await client.close()
 
 
+@pytest.mark.parametrize("method", ["header", "query", "auth_frame"])
+async def test_integer_sub_is_a_user_id(service: Service, method: str) -> None:
+    uid, did = service.seed.owned()
+    token = service.tokens.encode({"sub": uid, "exp": int(time.time()) + 60})
+    client = await service.connect(did, token, method)
+    assert client.frames[0]["data"]["user_id"] == uid
+    await client.close()
+
+
 FIRST_FRAMES: list[tuple[str, Any]] = [
     ("ping", {"type": "ping"}),
     ("not_json", "hello"),

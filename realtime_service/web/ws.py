@@ -7,7 +7,9 @@ protocol.session; every close reason comes from errors.CloseReason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +39,8 @@ from realtime_service.web.transport import CLOSE_HANDSHAKE, WebSocketTransport
 
 log = logging.getLogger("realtime.ws")
 
+SEND_BUFFER_BYTES = 256 * 1024
+
 
 def origin_allowed(request: web.Request, state: AppState) -> bool:
     """Browsers send Origin; it must be listed, or be the console's own origin when the console is on."""
@@ -50,6 +54,15 @@ def origin_allowed(request: web.Request, state: AppState) -> bool:
         own = f"{request.scheme}://{request.host}".lower()
         return origin.lower() == own
     return False
+
+
+def _bound_kernel_buffer(request: web.Request) -> None:
+    """Cap the kernel's send buffer, so a client that stops reading fills its outbox (and is closed
+    `slow_consumer`) after a bounded amount of memory, not after megabytes of autotuned socket buffer."""
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
 
 async def _close(ws: web.WebSocketResponse, reason: CloseReason) -> None:
@@ -103,6 +116,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(autoping=False, heartbeat=None, max_msg_size=settings.max_frame_bytes,
                                compress=settings.ws_compression, timeout=CLOSE_HANDSHAKE)
     await ws.prepare(request)
+    _bound_kernel_buffer(request)
     loop = asyncio.get_running_loop()
     session = Session(settings.rate_limit, settings.rate_burst, loop.time(), authenticated_by_request=bool(token))
     try:
