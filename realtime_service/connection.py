@@ -76,6 +76,8 @@ class Connection:
 
     def go_live(self, first: list[bytes], seen_up_to: int) -> None:
         """Send the connect frame and replay, then live frames buffered meanwhile that come after `seen_up_to`."""
+        if self.phase is Phase.CLOSED:
+            return  # closed while syncing (revoked, expired, draining): nothing more to send
         for index, frame in enumerate(first):
             # The last of these frames brings the client up to `seen_up_to`: a PONG after it confirms that much.
             self.outbox.force(wsframe.text(frame), seen_up_to if index == len(first) - 1 else None)

@@ -20,8 +20,8 @@ from typing import Any
 from realtime_service.auth.ownership import OwnershipChecker
 from realtime_service.auth.tokens import Principal, TokenVerifier
 from realtime_service.broker.base import Broker, Publication
-from realtime_service.connection import Connection
-from realtime_service.errors import CloseReason, OwnershipUnavailable, ValidationFailed
+from realtime_service.connection import Connection, Phase
+from realtime_service.errors import CloseReason, Forbidden, OwnershipUnavailable, ValidationFailed
 from realtime_service.hub import Hub
 from realtime_service.metrics import Metrics
 from realtime_service.protocol import frames
@@ -39,6 +39,12 @@ class Limits:
 
     outbox_max_bytes: int
     outbox_max_messages: int
+
+
+def _retrieve(future: asyncio.Future[bytes]) -> None:
+    # Every caller may have gone; the failure was theirs to see, not the event loop's to log.
+    if not future.cancelled():
+        future.exception()
 
 
 def iso(ts: float) -> str:
@@ -83,16 +89,26 @@ class Node:
     def verify(self, token: str) -> Principal:
         return self.verifier.verify(token)
 
-    async def admit(self, principal: Principal, diagnosis_id: int) -> None:
-        """Fail closed: raises unless the replica says this user owns the diagnosis."""
-        await self.ownership.require_watcher(principal, diagnosis_id)
+    async def admit(self, principal: Principal, diagnosis_id: int) -> int:
+        """Fail closed: raises unless the replica says this user owns the diagnosis.
 
-    async def attach(self, conn: Connection, resume: ResumeRequest) -> None:
+        Returns the ownership generation the decision was made in, for `attach`.
+        """
+        generation = self.ownership.generation
+        await self.ownership.require_watcher(principal, diagnosis_id)
+        return generation
+
+    async def attach(self, conn: Connection, resume: ResumeRequest, admitted_in: int | None = None) -> None:
         """Register, then send `connect`, the replay (3.7) and personal messages (3.8), then go live."""
         diagnosis_id, user_id = conn.diagnosis_id, conn.user_id
         if self.hub.add(conn):
             await self.broker.subscribe(diagnosis_id)
         self.metrics.connections.set(self.hub.count)
+        # A revoke that ran while this connection was being admitted could not see it (not yet registered):
+        # check again, now that any later revoke will.
+        if (admitted_in is not None and admitted_in != self.ownership.generation
+                and await self.ownership.owner_of(diagnosis_id) != user_id):
+            raise Forbidden(f"not allowed to watch diagnosis {diagnosis_id}")
         replay: list[bytes] | None = None
         recovered = True
         if resume.since is not None:
@@ -173,7 +189,8 @@ class Node:
         if target is not None:
             frame = frames.personal_frame(body.frame_type(), diagnosis_id, target, body.frame_data())
             delivered = self.hub.fanout(diagnosis_id, frame, None, body.exclude_session, target)
-            if delivered == 0 and not any(c.user_id == target for c in self.hub.connections(diagnosis_id)):
+            if delivered == 0 and not any(c.user_id == target and c.phase is not Phase.CLOSED
+                                          for c in self.hub.connections(diagnosis_id)):
                 await self.broker.push_personal(diagnosis_id, target, frame)
             position = await self.broker.position(diagnosis_id)
             self.metrics.publishes.labels("personal").inc()
@@ -187,26 +204,28 @@ class Node:
                              delivered=delivered_count)
 
     async def idempotent(self, scope: str, key: str | None, produce: Callable[[], Awaitable[bytes]]) -> bytes:
-        """Run `produce` once per (caller, key) within the TTL; repeats get the first answer (PROTOCOL 4)."""
+        """Run `produce` once per (scope, key) within the TTL; repeats get the first answer (PROTOCOL 4).
+
+        The work runs in a task of its own: a caller that disconnects half-way neither leaves a batch half
+        published nor fails a retry that is waiting on the same key.
+        """
         if key is None:
-            return await produce()
+            return await asyncio.shield(asyncio.ensure_future(produce()))
         stored = await self.broker.idempotent_result(scope, key)
         if stored is not None:
             return stored
         pending = self._idempotency_inflight.get((scope, key))
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._idempotency_inflight[(scope, key)] = future
+        if pending is None:
+            pending = asyncio.ensure_future(self._produce_once(scope, key, produce))
+            pending.add_done_callback(_retrieve)
+            self._idempotency_inflight[(scope, key)] = pending
+        return await asyncio.shield(pending)
+
+    async def _produce_once(self, scope: str, key: str, produce: Callable[[], Awaitable[bytes]]) -> bytes:
         try:
             result = await produce()
             await self.broker.store_idempotent_result(scope, key, result)
-            future.set_result(result)
             return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()
-            raise
         finally:
             self._idempotency_inflight.pop((scope, key), None)
 

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 ENV_PREFIX = "REALTIME_"
 DEFAULT_OWNERSHIP_QUERY = "SELECT user_id FROM diagnoses WHERE id = %(diagnosis_id)s"
 LIST_FIELDS = frozenset({"jwt_algorithms", "allowed_origins"})
+OPTIONAL_FIELDS = frozenset({"database_url", "redis_url", "jwt_secret", "jwt_public_key_file", "jwt_audience",
+                             "jwt_issuer"})
 
 
 class ConfigError(Exception):
@@ -102,7 +104,9 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
         name = key[len(ENV_PREFIX):].lower()
         if name not in names:
             continue
-        out[name] = raw if raw != "" or name not in ("jwt_audience", "jwt_issuer") else None
+        if raw == "" and name in OPTIONAL_FIELDS:
+            continue  # an empty variable means "not set", as operators expect from REALTIME_REDIS_URL=""
+        out[name] = raw
     return out
 
 

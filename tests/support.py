@@ -87,6 +87,7 @@ class Client:
     close_reason: str | None = None
     _event: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
+    _consumed: int = 0
 
     def start(self) -> Client:
         self._task = asyncio.create_task(self._read())
@@ -132,10 +133,14 @@ class Client:
                 pass
 
     async def next_of(self, type_: str, timeout: float = WAIT) -> dict[str, Any]:
-        seen = len(self.frames)
+        """The next frame of this type not yet returned by next_of (frames may arrive before the call)."""
 
         def found(c: Client) -> dict[str, Any] | None:
-            return next((f for f in c.frames[seen:] if f.get("type") == type_), None)
+            for index in range(c._consumed, len(c.frames)):
+                if c.frames[index].get("type") == type_:
+                    c._consumed = index + 1
+                    return c.frames[index]
+            return None
 
         return await self.wait(found, f"a {type_!r} frame", timeout)
 

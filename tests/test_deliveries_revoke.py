@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures_app import Service, StartService
+from realtime_service.web.app import create_app
+from tests.fixtures_app import Service, StartService, make_settings
 from tests.support import WAIT, Client
 
 
@@ -364,5 +365,44 @@ async def test_revoke_without_a_body_means_everyone(service: Service) -> None:
     async with service.http.post(f"{service.base_url}/api/v1/diagnoses/{did}/revoke",
                                  headers={"Authorization": f"Bearer {service.tokens.service()}"}) as resp:
         assert resp.status == 200, await resp.text()
+    assert await client.wait_closed() == 1008
+    assert client.close_reason == "forbidden"
+
+
+class GatedOwnership:
+    """An ownership source whose first answer is held until the test releases it (a slow replica query)."""
+
+    def __init__(self, owners: dict[int, int]) -> None:
+        self.owners = owners
+        self.release = asyncio.Event()
+        self.first_started = asyncio.Event()
+        self.calls = 0
+
+    async def owner_of(self, diagnosis_id: int) -> int | None:
+        self.calls += 1
+        answer = self.owners.get(diagnosis_id)  # read now, as the replica would
+        if self.calls == 1:
+            self.first_started.set()
+            await self.release.wait()
+        return answer
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_revoke_also_closes_a_connection_admitted_by_a_lookup_from_before_it(
+        start_service: StartService, pg_dsn: str) -> None:
+    """A connect whose ownership answer was read before the revoke must not survive it."""
+    old, did = 7_000_001, 7_000_002
+    source = GatedOwnership({did: old})
+    service = await start_service(app=create_app(make_settings(pg_dsn), ownership_source=source))
+    client = await service.open(did, service.tokens.user(old))
+    await asyncio.wait_for(source.first_started.wait(), WAIT)  # old owner's admission read "old" ...
+    source.owners[did] = 7_000_003  # ... then ownership moved, and the main API revoked
+    await revoke(service, did, {})
+    source.release.set()
     assert await client.wait_closed() == 1008
     assert client.close_reason == "forbidden"

@@ -192,6 +192,11 @@ async def test_concurrent_checks_share_one_query(pg_server: PgServer, start_serv
     assert source.calls[did] <= 2, source.calls
     for client in [*clients, *more]:
         await client.close()
+    # publishes share too
+    _, other = seed.owned()
+    results = await asyncio.gather(*(service.publish(other, "burst") for _ in range(50)))
+    assert sorted(r["offset"] for r in results) == list(range(1, 51))
+    assert source.calls[other] <= 2, source.calls
 
 
 async def test_a_client_giving_up_does_not_fail_the_others_sharing_its_query(
@@ -369,6 +374,28 @@ async def test_replica_slow_refuses_1013_within_two_seconds_then_recovers(replic
     await client.close()
     status, _ = await get_json(service, "/readyz")
     assert status == 200
+
+
+async def test_reconnect_storm_against_a_frozen_replica(replica: Replica, start_service: StartService) -> None:
+    service = await start_service(database_url=replica.dsn, ownership_cache_ttl=0, db_connect_timeout=0.5,
+                                  db_statement_timeout=0.5)
+    token = service.tokens.user(replica.user_id)
+    client = await service.connect(replica.diagnosis_id, token)
+    await client.close()
+    replica.freeze()
+    try:
+        started = time.monotonic()
+        clients = await asyncio.gather(*(attempt(service, replica.diagnosis_id, token) for _ in range(30)))
+        elapsed = time.monotonic() - started
+        assert {(c.close_code, c.close_reason) for c in clients} == {(1013, "ownership_unavailable")}
+        assert not any(c.of_type("connect") for c in clients)
+        assert elapsed <= 3.0, f"the storm was answered after {elapsed:.2f}s"
+        status, _ = await get_json(service, "/healthz")
+        assert status == 200
+    finally:
+        replica.thaw()
+    client = await connect_eventually(service, replica.diagnosis_id, token, within=10)
+    await client.close()
 
 
 async def test_open_connections_survive_a_replica_outage(replica: Replica, start_service: StartService) -> None:

@@ -9,6 +9,7 @@ from realtime_service.broker.memory import MemoryBroker
 from realtime_service.web.app import create_app
 from tests.fixtures_app import Service, StartService, make_settings
 from tests.support import WAIT, Client
+from tests.wsraw import handshake
 
 IDEMPOTENCY_TTL = 600.0
 
@@ -134,6 +135,31 @@ async def test_personal_message_kept_offline_is_delivered_once(service: Service)
         assert personal(again) == [], f"delivered twice (to {device})"
         await again.close()
         await wait_detached(service, did)
+
+
+async def test_personal_message_is_kept_while_the_users_only_connection_is_closing(
+        start_service: StartService) -> None:
+    """A message answered `delivered: 0` must not vanish: the closing connection can no longer take it."""
+    service = await start_service(rate_limit=1, rate_burst=1)
+    uid, did = service.seed.owned()
+    token = service.tokens.user(uid)
+    raw = await handshake(service.ws_url(did), {"Authorization": f"Bearer {token}"})
+    try:
+        assert raw.status == 101
+        assert (await raw.recv_frame())[0] == 0x1  # connect
+        for _ in range(3):  # over the rate limit: the server closes `rate_limited`
+            await raw.send_text('{"type": "ping"}')
+        while (await raw.recv_frame())[0] != 0x8:
+            pass
+        # This client never answers the close frame, so the server is still closing it now.
+        result = await service.publish(did, "nudge", {"n": 1}, user_id=uid)
+        assert result["delivered"] == 0
+    finally:
+        raw.close()
+    await wait_detached(service, did)
+    client = await service.connect(did, token)
+    await client.wait(lambda c: personal(c), "the personal message answered `delivered: 0`", timeout=3)
+    await client.close()
 
 
 async def test_kept_personal_messages_are_bounded_oldest_dropped(start_service: StartService) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -12,8 +13,10 @@ import jwt
 import psycopg2
 import pytest
 
-from tests.conftest import free_port
-from tests.fixtures_app import Service, StartService
+from tests.conftest import PgServer, free_port
+from tests.fixtures_app import Service, StartService, make_settings
+from tests.support import Seeder
+from tests.test_ownership import counting_app
 
 SERVICE = object()  # "use a fresh service token"
 
@@ -680,3 +683,40 @@ async def test_delivered_counts_connections(service: Service) -> None:
     assert (await service.publish(other_did))["delivered"] == 0
     await one.close()
     await two.close()
+
+
+async def test_a_caller_giving_up_does_not_fail_its_idempotent_repeat(pg_server: PgServer,
+                                                                      start_service: StartService) -> None:
+    """A publish is retried with the same Idempotency-Key while the first attempt runs, and the first caller
+    then gives up (its client timed out): the retry still gets an answer, and the message goes out once."""
+    dsn = pg_server.create_database("rest_idempotent_give_up")
+    seed = Seeder(dsn)
+    uid, did = seed.owned()
+    app, source = counting_app(make_settings(dsn), delay=0.6)
+    service = await start_service(app=app)
+    body = {"diagnosis_id": did, "type": "once", "data": {}}
+    headers = {"Authorization": f"Bearer {service.tokens.service()}", "Idempotency-Key": "retry-1"}
+
+    async def post() -> tuple[int, Any]:
+        async with service.http.post(f"{service.base_url}/api/v1/publish", json=body, headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    first = asyncio.create_task(post())
+
+    async def checking() -> bool:
+        return source.calls.get(did, 0) >= 1
+
+    await until(checking, "the first attempt to start its check")
+    retry = asyncio.create_task(post())
+    # the retry only has to reach the in-flight attempt (local, well under a millisecond); the check runs 0.6 s
+    await asyncio.sleep(0.2)
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    status, answer = await asyncio.wait_for(retry, 10)
+    assert status == 200, answer
+    assert answer["offset"] == 1
+    client = await service.connect(did, service.tokens.user(uid), since=0, epoch=answer["epoch"])
+    replay = (await client.wait(lambda c: c.of_type("reconnect_messages"), "the replay"))[0]
+    assert [m["type"] for m in replay["data"]["messages"]] == ["once"]
+    await client.close()

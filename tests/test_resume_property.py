@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from realtime_service.web.app import create_app
@@ -218,7 +218,10 @@ async def run_example(dsn: str, seed: Seeder, data: st.DataObject) -> None:
         await server.close()
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# No shrinking: an example takes a real service and sockets, and shrinking one would outlast the test's timeout;
+# the failing example's draws (every step) are printed as they are.
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], report_multiple_bugs=False,
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(data=st.data())
 def test_every_device_gets_every_broadcast_once_in_order(pg_dsn: str, data: st.DataObject) -> None:
     asyncio.run(run_example(pg_dsn, Seeder(pg_dsn), data))

@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import json
 import re
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 
 from tests.fixtures_app import Service, StartService
 from tests.support import Client
-from tests.wsraw import handshake
+from tests.wsraw import RawWebSocket, handshake
 
 APP_ORIGIN = "https://app.example.test"
 
@@ -267,6 +268,60 @@ async def test_frame_over_max_frame_bytes_closes_1009(start_service: StartServic
     else:
         client = await service.open(did, None, "none")
     await client.send({"type": "ping", "pad": "x" * 2000})
+    assert await client.wait_closed() == 1009
+
+
+async def raw_connected(service: Service, did: int, token: str) -> RawWebSocket:
+    """A raw connection past its `connect` frame."""
+    conn = await handshake(service.ws_url(did), auth(token))
+    assert conn.status == 101
+    opcode, payload = await conn.recv_frame()
+    assert opcode == 0x1
+    assert json.loads(payload)["type"] == "connect"
+    return conn
+
+
+async def next_text_or_close(conn: RawWebSocket) -> tuple[int, bytes]:
+    """The next text or close frame (protocol PINGs are skipped)."""
+    while True:
+        opcode, payload = await conn.recv_frame()
+        if opcode in (0x1, 0x8):
+            return opcode, payload
+
+
+async def test_fragmented_message_is_one_frame_for_the_limit(start_service: StartService) -> None:
+    """The limit is on the message: fragments under it that add up to more than it are refused 1009."""
+    service = await start_service(max_frame_bytes=1024)
+    uid, did = service.seed.owned()
+    conn = await raw_connected(service, did, service.tokens.user(uid))
+    try:
+        small = json.dumps({"type": "ping", "pad": "x" * 300}).encode()
+        await conn.send_frame(0x1, small[:150], fin=False)
+        await conn.send_frame(0x0, small[150:], fin=True)
+        opcode, payload = await next_text_or_close(conn)
+        assert opcode == 0x1
+        assert json.loads(payload)["type"] == "pong"
+        big = json.dumps({"type": "ping", "pad": "x" * 1500}).encode()
+        pieces = [big[i:i + 500] for i in range(0, len(big), 500)]
+        for index, piece in enumerate(pieces):
+            await conn.send_frame(0x1 if index == 0 else 0x0, piece, fin=index == len(pieces) - 1)
+        opcode, payload = await next_text_or_close(conn)
+        assert opcode == 0x8, payload
+        assert struct.unpack("!H", payload[:2])[0] == 1009
+    finally:
+        conn.close()
+
+
+async def test_compressed_frame_is_limited_by_its_inflated_size(start_service: StartService) -> None:
+    service = await start_service(max_frame_bytes=1024, ws_compression=True)
+    uid, did = service.seed.owned()
+    ws = await service.http.ws_connect(service.ws_url(did), headers=auth(service.tokens.user(uid)), compress=15)
+    assert ws.compress == 15
+    client = Client(ws).start()
+    await client.next_of("connect")
+    await client.send({"type": "ping", "pad": "x" * 800})  # compresses well, inflates under the limit
+    await client.next_of("pong")
+    await client.send({"type": "ping", "pad": "x" * 200_000})  # a few hundred bytes on the wire
     assert await client.wait_closed() == 1009
 
 
@@ -616,3 +671,39 @@ async def test_slow_consumer_closed_while_others_get_everything(start_service: S
         slow.close()
         for client in fast:
             await client.close()
+
+
+async def test_slow_client_that_reads_again_sees_a_gapless_prefix_then_1013(start_service: StartService) -> None:
+    """The client is told why it was dropped, so it knows to reconnect and resume."""
+    service = await start_service(outbox_max_messages=50, outbox_max_bytes=65536)
+    uid, did = service.seed.owned()
+    slow = await handshake(service.ws_url(did, device="slow"), auth(service.tokens.user(uid)), rcvbuf=4096)
+    try:
+        assert slow.status == 101
+
+        async def attached() -> bool:
+            return await status_connections(service) == 1
+
+        await until(attached, "the slow client to be attached")
+        payload = "x" * PAYLOAD
+        total = max(400, (kernel_send_buffer_max() + 2 * 1024 * 1024) // PAYLOAD)
+        for i in range(1, total + 1):
+            await service.publish(did, "bulk", {"i": i, "payload": payload})
+            if i % 50 == 0 and await metric(service, "realtime_slow_consumer_closes_total") >= 1:
+                break
+        assert await metric(service, "realtime_slow_consumer_closes_total") == 1
+        # now it reads again
+        offsets: list[int] = []
+        while True:
+            opcode, data = await slow.recv_frame(timeout=10)
+            if opcode == 0x1:
+                frame = json.loads(data)
+                if frame["type"] == "bulk":
+                    offsets.append(frame["offset"])
+            elif opcode == 0x8:
+                break
+        assert offsets == list(range(1, len(offsets) + 1))
+        assert struct.unpack("!H", data[:2])[0] == 1013
+        assert data[2:].decode() == "slow_consumer"
+    finally:
+        slow.close()

@@ -31,23 +31,48 @@ class RawWebSocket:
 
     async def send_text(self, text: str) -> None:
         """Send one masked text frame, as a client must."""
-        await asyncio.get_running_loop().sock_sendall(self.sock, encode_frame(0x1, text.encode()))
+        await self.send_frame(0x1, text.encode())
+
+    async def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        """Send one masked frame; `fin=False` starts or continues a fragmented message."""
+        await asyncio.get_running_loop().sock_sendall(self.sock, encode_frame(opcode, payload, fin))
+
+    async def recv_frame(self, timeout: float = HANDSHAKE_TIMEOUT) -> tuple[int, bytes]:
+        """Read one (unmasked) server frame: (opcode, payload). Raises ConnectionError at EOF."""
+        head = await self._take(2, timeout)
+        opcode, size = head[0] & 0x0F, head[1] & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", await self._take(2, timeout))[0]
+        elif size == 127:
+            size = struct.unpack("!Q", await self._take(8, timeout))[0]
+        return opcode, await self._take(size, timeout)
+
+    async def _take(self, count: int, timeout: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        while len(self.extra) < count:
+            chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), timeout)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            self.extra += chunk
+        data, self.extra = self.extra[:count], self.extra[count:]
+        return data
 
     def close(self) -> None:
         """Drop the TCP connection without a close handshake."""
         self.sock.close()
 
 
-def encode_frame(opcode: int, payload: bytes) -> bytes:
-    """A final, masked client frame."""
+def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A masked client frame (final unless `fin` is False)."""
     mask = os.urandom(4)
     size = len(payload)
+    first = (0x80 if fin else 0) | opcode
     if size < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+        head = struct.pack("!BB", first, 0x80 | size)
     elif size < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+        head = struct.pack("!BBH", first, 0x80 | 126, size)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+        head = struct.pack("!BBQ", first, 0x80 | 127, size)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return head + mask + masked
 

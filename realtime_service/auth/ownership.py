@@ -52,6 +52,11 @@ class OwnershipChecker:
         self._on_lookup = on_lookup or (lambda outcome: None)
 
     @property
+    def generation(self) -> int:
+        """Changes whenever a decision is forgotten (a revoke)."""
+        return self._generation
+
+    @property
     def source(self) -> OwnershipSource:
         return self._source
 

@@ -24,7 +24,7 @@ from realtime_service.web.ws import websocket_handler
 
 log = logging.getLogger("realtime.app")
 
-ID = r"{diagnosis_id:[1-9][0-9]{0,17}}"
+ID = r"{diagnosis_id:[1-9][0-9]{0,18}}"  # bigint; larger values are refused by diagnosis_id_of
 
 
 def build_broker(settings: Settings, metrics: Metrics) -> Broker:
@@ -78,6 +78,7 @@ def create_app(settings: Settings, *, ownership_source: OwnershipSource | None =
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
     app.router.add_get("/api/openapi.json", openapi.document)
+    openapi.setup(app)
     if settings.console_enabled:
         from realtime_service.web.console import setup_console
 

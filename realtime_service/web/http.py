@@ -15,6 +15,7 @@ from realtime_service.errors import (
     BadRequest,
     BodyTooLarge,
     Forbidden,
+    NotFound,
     ServiceError,
     Unauthorized,
     ValidationFailed,
@@ -41,6 +42,17 @@ def json_error(status: int, code: str, message: str, fields: dict[str, str] | No
     if fields:
         error["fields"] = fields
     return json_response({"error": error}, status)
+
+
+MAX_ID = 2**63 - 1
+
+
+def diagnosis_id_of(request: web.Request) -> int:
+    """The path's diagnosis id; ids beyond bigint cannot exist (404)."""
+    value = int(request.match_info["diagnosis_id"])
+    if value > MAX_ID:
+        raise NotFound(f"no diagnosis {value}")
+    return value
 
 
 def request_token(request: web.Request, allow_query: bool = False) -> str | None:
@@ -107,14 +119,20 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes the JSON envelope of PROTOCOL 4; unexpected ones are logged, never echoed."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except ServiceError as exc:
-        return json_response(exc.body(), exc.status)
+        response = json_response(exc.body(), exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
-        return json_error(exc.status, code, exc.reason)
+        response = json_error(exc.status, code, exc.reason)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.rel_url.path)
-        return json_error(500, "internal_error", "internal error")
+        response = json_error(500, "internal_error", "internal error")
+    if response.status != 101:
+        # the route's pattern, never the raw path: ids must not become label values
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        request.app[STATE].metrics.http_requests.labels(name, f"{response.status // 100}xx").inc()
+    return response

@@ -17,6 +17,7 @@ from realtime_service.protocol.models import (
     RevokeRequest,
 )
 from realtime_service.web.http import (
+    diagnosis_id_of,
     json_response,
     principal_of,
     raw_json_response,
@@ -39,8 +40,10 @@ def _idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def _scope(principal: Principal) -> str:
-    return ("service:" if principal.is_service else "user:") + principal.sub
+def _scope(request: web.Request, principal: Principal) -> str:
+    """Keys are remembered per caller (the token's `sub`), and per endpoint so that a batch and a single publish
+    never answer each other's results."""
+    return f"{request.path}|{'service' if principal.is_service else 'user'}:{principal.sub}"
 
 
 async def _publish_one(request: web.Request, model: type[PublishBody]) -> web.Response:
@@ -54,7 +57,7 @@ async def _publish_one(request: web.Request, model: type[PublishBody]) -> web.Re
         result = await node.publish(body)
         return orjson.dumps(result.model_dump())
 
-    return raw_json_response(await node.idempotent(_scope(principal), key, produce))
+    return raw_json_response(await node.idempotent(_scope(request, principal), key, produce))
 
 
 async def publish(request: web.Request) -> web.Response:
@@ -96,30 +99,26 @@ async def publish_batch(request: web.Request) -> web.Response:
         results = [(await node.publish(message)).model_dump() for message in batch.messages]
         return orjson.dumps({"results": results})
 
-    return raw_json_response(await node.idempotent(_scope(principal), key, produce))
-
-
-def _diagnosis_id(request: web.Request) -> int:
-    return int(request.match_info["diagnosis_id"])
+    return raw_json_response(await node.idempotent(_scope(request, principal), key, produce))
 
 
 async def presence(request: web.Request) -> web.Response:
     """GET /api/v1/diagnoses/{id}/presence (service token)."""
     service_principal(request)
-    return json_response(await request.app[STATE].node.presence(_diagnosis_id(request)))
+    return json_response(await request.app[STATE].node.presence(diagnosis_id_of(request)))
 
 
 async def deliveries(request: web.Request) -> web.Response:
     """GET /api/v1/diagnoses/{id}/deliveries (service token)."""
     service_principal(request)
-    return json_response(await request.app[STATE].node.deliveries(_diagnosis_id(request)))
+    return json_response(await request.app[STATE].node.deliveries(diagnosis_id_of(request)))
 
 
 async def revoke(request: web.Request) -> web.Response:
     """POST /api/v1/diagnoses/{id}/revoke (service token)."""
     service_principal(request)
     body = await read_model(request, RevokeRequest) if request.can_read_body else RevokeRequest()
-    return json_response(await request.app[STATE].node.revoke(_diagnosis_id(request), body.user_id))
+    return json_response(await request.app[STATE].node.revoke(diagnosis_id_of(request), body.user_id))
 
 
 async def status(request: web.Request) -> web.Response:

@@ -33,7 +33,7 @@ from realtime_service.protocol.session import (
     Session,
     parse_resume,
 )
-from realtime_service.web.http import json_error, request_token
+from realtime_service.web.http import diagnosis_id_of, json_error, request_token
 from realtime_service.web.state import STATE, AppState
 from realtime_service.web.transport import CLOSE_HANDSHAKE, WebSocketTransport
 
@@ -102,7 +102,7 @@ async def _first_frame(ws: web.WebSocketResponse, session: Session, timeout: flo
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     settings, node, metrics = state.settings, state.node, state.metrics
-    diagnosis_id = int(request.match_info["diagnosis_id"])
+    diagnosis_id = diagnosis_id_of(request)
     if not origin_allowed(request, state):
         metrics.connection_attempts.labels("origin_refused").inc()
         return json_error(403, "origin_not_allowed", "this Origin may not open WebSocket connections")
@@ -130,18 +130,18 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             token, resume = first.token, first.resume
             session.opened()
         principal = node.verify(token)
-        await node.admit(principal, diagnosis_id)
+        admitted_in = await node.admit(principal, diagnosis_id)
     except ServiceError as exc:
         metrics.connection_attempts.labels(exc.close.reason).inc()
         await _close(ws, exc.close)
         return ws
     metrics.connection_attempts.labels("accepted").inc()
-    await _serve(ws, request, state, session, principal, diagnosis_id, resume)
+    await _serve(ws, request, state, session, principal, diagnosis_id, resume, admitted_in)
     return ws
 
 
 async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppState, session: Session,
-                 principal: Principal, diagnosis_id: int, resume: ResumeRequest) -> None:
+                 principal: Principal, diagnosis_id: int, resume: ResumeRequest, admitted_in: int) -> None:
     """The live part of a connection: attach, read until closed, detach."""
     settings, node = state.settings, state.node
     loop = asyncio.get_running_loop()
@@ -197,7 +197,7 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
 
     reader: asyncio.Task[None] | None = None
     try:
-        await node.attach(conn, resume)
+        await node.attach(conn, resume, admitted_in)
         reader = asyncio.create_task(read_loop())
     except ServiceError as exc:
         conn.close(exc.close)
