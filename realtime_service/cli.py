@@ -10,7 +10,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def _migrate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env)
     configure_logging(settings.log_level)
-    return asyncio.run(run_server(settings))
+    return run_loop(run_server(settings))
 
 
 def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -155,11 +155,21 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"  try: curl -X POST {base}/api/v1/publish -H 'Authorization: Bearer <service token>' "
               f"-H 'Content-Type: application/json' -d '{{\"diagnosis_id\": {demo.diagnosis_ids[0]}, "
               f"\"type\": \"hello\", \"data\": {{}}}}'\n", flush=True)
-        return asyncio.run(run_server(settings, demo_tokens={"user": user_token, "service": service_token,
+        return run_loop(run_server(settings, demo_tokens={"user": user_token, "service": service_token,
                                                              "diagnosis_id": str(demo.diagnosis_ids[0])}))
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where it is installed (it roughly halves the cost of socket I/O), else on asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def _secret(value: str) -> Any:

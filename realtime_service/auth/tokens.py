@@ -5,15 +5,19 @@ Messages never include the token: they go into close reasons, logs and HTTP answ
 
 from __future__ import annotations
 
+import base64
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
+import orjson
 
 from realtime_service.errors import InvalidToken, TokenExpired
 
 PUBLISH_SCOPE = "realtime:publish"
+VERIFIED_CACHE_SIZE = 4096
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 
 
@@ -47,6 +51,30 @@ def _user_id(sub: Any) -> int | None:
     return None
 
 
+def _unverified_header(token: str) -> dict[str, Any]:
+    """The JOSE header, parsed once (PyJWT would parse it again for `get_unverified_header`)."""
+    head, dot, _rest = token.partition(".")
+    if not dot or not head:
+        raise InvalidToken("malformed token")
+    try:
+        header = orjson.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        raise InvalidToken("malformed token") from None
+    if not isinstance(header, dict):
+        raise InvalidToken("malformed token")
+    return header
+
+
+def _load_public_key(path: Path) -> Any:
+    """Parse the PEM once at start-up; PyJWT would parse a PEM string on every verification."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        return load_pem_public_key(path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"REALTIME_JWT_PUBLIC_KEY_FILE is not a PEM public key: {exc}") from None
+
+
 class TokenVerifier:
     """Checks signature against the configured allow-list, then exp/nbf/iat, and aud/iss when configured."""
 
@@ -54,7 +82,8 @@ class TokenVerifier:
                  audience: str | None, issuer: str | None, leeway: float) -> None:
         self._algorithms = list(algorithms)
         self._secret = secret
-        self._public_key = public_key_file.read_text() if public_key_file is not None else None
+        self._public_key = _load_public_key(public_key_file) if public_key_file is not None else None
+        self._verified: dict[str, Principal] = {}
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
@@ -64,11 +93,26 @@ class TokenVerifier:
             raise ValueError("a public-key algorithm is allowed but REALTIME_JWT_PUBLIC_KEY_FILE is not set")
 
     def verify(self, token: str) -> Principal:
-        """Verify a token; raise InvalidToken or TokenExpired with a message that never quotes it."""
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise InvalidToken("malformed token") from None
+        """Verify a token; raise InvalidToken or TokenExpired with a message that never quotes it.
+
+        Tokens that verified are remembered until they expire: the main API sends the same service token with
+        every publish, and a reconnect storm repeats the same user tokens, so most checks are a dict lookup.
+        Only successes are cached, keyed by the whole token (signature included); expiry is checked each time.
+        """
+        known = self._verified.get(token)
+        if known is not None:
+            if known.expires_at + self._leeway >= time.time():
+                return known
+            del self._verified[token]
+            raise TokenExpired("token expired")
+        principal = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = principal
+        return principal
+
+    def _verify(self, token: str) -> Principal:
+        header = _unverified_header(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise InvalidToken("token algorithm not allowed")

@@ -136,10 +136,21 @@
     $("fact-epoch").textContent = seen.epoch || "–";
   }
 
+  // Acks are cumulative: send the highest offset at most twice a second, so a burst of broadcasts never
+  // pushes the console over the server's rate limit (20 frames/s).
+  let ackPending = null;
+  let ackTimer = null;
   function ack(offset) {
-    if ($("auto-ack").checked && socket && socket.readyState === WebSocket.OPEN && typeof offset === "number") {
-      socket.send(JSON.stringify({ type: "ack", offset: offset }));
-    }
+    if (!$("auto-ack").checked || typeof offset !== "number") return;
+    if (ackPending === null || offset > ackPending) ackPending = offset;
+    if (ackTimer !== null) return;
+    ackTimer = setTimeout(function () {
+      ackTimer = null;
+      if (ackPending !== null && socket && socket.readyState === WebSocket.OPEN) {
+        socket.send(JSON.stringify({ type: "ack", offset: ackPending }));
+      }
+      ackPending = null;
+    }, 500);
   }
 
   function receive(event) {
