@@ -56,8 +56,8 @@ class Flusher:
 class WebSocketTransport:
     """Writes and the close sequence for one WebSocketResponse."""
 
-    __slots__ = ("_done", "_drainer", "_idle", "_marked", "_stopped", "conn", "direct", "flusher", "metrics",
-                 "request", "ws")
+    __slots__ = ("_done", "_drainer", "_idle", "_marked", "_protocol", "_stopped", "_transport", "conn", "direct",
+                 "flusher", "metrics", "request", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, metrics: Metrics, flusher: Flusher,
                  direct: bool = True) -> None:
@@ -67,6 +67,9 @@ class WebSocketTransport:
         self.flusher = flusher
         self.direct = direct  # False with permessage-deflate: frames then go through aiohttp's writer
         self.conn: Connection | None = None
+        # looked up once: request.protocol / request.transport are properties, and flush runs per frame
+        self._protocol = request.protocol
+        self._transport = request.transport
         self._marked = False
         self._stopped = False
         self._idle = asyncio.Event()
@@ -107,7 +110,7 @@ class WebSocketTransport:
         if not conn.outbox:
             self._idle.set()
             return
-        protocol = self.request.protocol
+        protocol = self._protocol
         if not self.direct or (protocol is not None and protocol.writing_paused):
             self._drainer = asyncio.create_task(self._drain())
             return
@@ -115,7 +118,7 @@ class WebSocketTransport:
 
     def _write_queued(self) -> None:
         conn = self.conn
-        transport = self.request.transport
+        transport = self._transport
         assert conn is not None
         outbox = conn.outbox
         if transport is None or transport.is_closing():
@@ -123,6 +126,15 @@ class WebSocketTransport:
             self._idle.set()
             self.peer_gone()
             return
+        if len(outbox) == 1:  # the common case at low rates: one frame, no list, no join
+            frame, offset = outbox.pop()
+            if frame is not PING:
+                transport.write(frame)
+                if offset is not None:
+                    conn.written_offset = offset
+                self._idle.set()
+                return
+            outbox.force(frame, offset)
         chunks: list[bytes] = []
         written = conn.written_offset
         while outbox:
