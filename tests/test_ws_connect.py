@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from tests.fixtures_app import Service
+from tests.fixtures_app import Service, StartService
+from tests.support import Client
 
 METHODS = ["auth_frame", "header", "query"]
 
@@ -52,4 +53,20 @@ async def test_broadcast_reaches_subscriber_with_offset(service: Service) -> Non
     frame = await client.next_of("herb_update")
     assert frame["offset"] == 1 and frame["epoch"] == client.frames[0]["data"]["epoch"]
     assert frame["data"] == {"herb": "mint"}
+    await client.close()
+
+
+async def test_frames_flow_with_compression_on(start_service: StartService) -> None:
+    """With REALTIME_WS_COMPRESSION the writer goes through aiohttp (which deflates): frames still arrive in order."""
+    service = await start_service(ws_compression=True)
+    uid, did = service.seed.owned()
+    ws = await service.http.ws_connect(service.ws_url(did), compress=15,
+                                       headers={"Authorization": f"Bearer {service.tokens.user(uid)}"})
+    client = Client(ws).start()
+    await client.wait(lambda c: c.frames, "the connect frame")
+    assert ws.compress == 15, "permessage-deflate was not negotiated"
+    for i in range(20):
+        await service.publish(did, "compressed", {"i": i, "pad": "x" * 500})
+    await client.wait_offset(20)
+    assert [f["data"]["i"] for f in client.of_type("compressed")] == list(range(20))
     await client.close()
