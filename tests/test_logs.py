@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 
 from realtime_service.logs import JsonFormatter, redact
 from tests.support import Client, Seeder, Tokens
 from tests.test_settings_cli import ServerProcess, serve_env
 
-JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiI0NTYiLCJleHAiOjk5OTk5OTk5OTl9."
-       "Xq3Jd4k2vTq9xYb5mC_1a-ZzQwErTyUiOp0987654321")
+# A JWT-shaped sample, minted at import with a throwaway secret, so no token-looking string is committed.
+JWT = jwt.encode({"sub": "456", "exp": 9999999999}, secrets.token_hex(32), algorithm="HS256")
 SIGNATURE = JWT.rsplit(".", 1)[1]
 JWT_ANYWHERE = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
