@@ -21,7 +21,7 @@ from realtime_service.auth.ownership import OwnershipChecker
 from realtime_service.auth.tokens import Principal, TokenVerifier
 from realtime_service.broker.base import Broker, Publication
 from realtime_service.connection import Connection, Phase
-from realtime_service.errors import CloseReason, Forbidden, OwnershipUnavailable, ValidationFailed
+from realtime_service.errors import CloseReason, Forbidden, OwnershipUnavailable, ShuttingDown, ValidationFailed
 from realtime_service.hub import Hub
 from realtime_service.metrics import Metrics
 from realtime_service.protocol import frames
@@ -101,6 +101,8 @@ class Node:
     async def attach(self, conn: Connection, resume: ResumeRequest, admitted_in: int | None = None) -> None:
         """Register, then send `connect`, the replay (3.7) and personal messages (3.8), then go live."""
         diagnosis_id, user_id = conn.diagnosis_id, conn.user_id
+        if self.draining:  # admitted while the drain started (auth frame or replica still pending)
+            raise ShuttingDown("the service is restarting; reconnect to another node")
         if self.hub.add(conn):
             await self.broker.subscribe(diagnosis_id)
         self.metrics.connections.set(self.hub.count)

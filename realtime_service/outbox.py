@@ -15,18 +15,19 @@ PING: Final = b""
 class Outbox:
     """Frames waiting for one connection's writer."""
 
-    __slots__ = ("_items", "bytes", "max_bytes", "max_messages")
+    __slots__ = ("_forced", "_items", "bytes", "max_bytes", "max_messages")
 
     def __init__(self, max_bytes: int, max_messages: int) -> None:
         self._items: deque[tuple[bytes, int | None]] = deque()
         self.bytes = 0
+        self._forced = 0  # bytes queued by force(): they do not count against the limit
         self.max_bytes = max_bytes
         self.max_messages = max_messages
 
     def offer(self, frame: bytes, offset: int | None = None) -> bool:
         """Queue a frame; False (and nothing queued) when that would pass a limit."""
         size = len(frame)
-        if len(self._items) >= self.max_messages or self.bytes + size > self.max_bytes:
+        if len(self._items) >= self.max_messages or self.bytes - self._forced + size > self.max_bytes:
             return False
         self._items.append((frame, offset))
         self.bytes += size
@@ -36,6 +37,7 @@ class Outbox:
         """Queue regardless of limits: the connect frame and the replay must reach a new connection whole."""
         self._items.append((frame, offset))
         self.bytes += len(frame)
+        self._forced += len(frame)
 
     def ping(self) -> None:
         """Queue a protocol PING behind the frames already waiting, so its PONG confirms them."""
@@ -44,11 +46,14 @@ class Outbox:
     def pop(self) -> tuple[bytes, int | None]:
         frame, offset = self._items.popleft()
         self.bytes -= len(frame)
+        if self._forced:
+            self._forced = max(0, self._forced - len(frame))
         return frame, offset
 
     def clear(self) -> None:
         self._items.clear()
         self.bytes = 0
+        self._forced = 0
 
     def __len__(self) -> int:
         return len(self._items)

@@ -109,7 +109,10 @@ GOOD_AUTH_FRAMES: list[tuple[dict[str, Any], ResumeRequest]] = [
 @pytest.mark.parametrize(("frame", "resume"), GOOD_AUTH_FRAMES)
 def test_good_auth_frame_parses_token_and_resume_fields(frame: dict[str, Any], resume: ResumeRequest) -> None:
     session = fresh_session()
-    assert session.receive(dumps(frame), False, now=0.0) == Authenticate(TOKEN, resume)
+    action = session.receive(dumps(frame), False, now=0.0)
+    assert isinstance(action, Authenticate)
+    assert (action.token, action.resume) == (TOKEN, resume)
+    assert action.given == {k for k in ("since", "epoch", "device") if frame.get(k) not in (None, "")}
 
 
 def test_session_authenticated_by_request_skips_auth_phase() -> None:

@@ -51,7 +51,7 @@ class PostgresOwnership:
 
     async def _create_pool(self) -> aiopg.Pool:
         return await aiopg.create_pool(
-            self._dsn, minsize=0, maxsize=self._pool_max,
+            self._dsn, minsize=self._pool_min, maxsize=self._pool_max,
             timeout=self._statement_timeout + self._connect_timeout,
             connect_timeout=max(1, round(self._connect_timeout)),
             options=f"-c statement_timeout={int(self._statement_timeout * 1000)}",

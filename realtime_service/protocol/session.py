@@ -39,6 +39,7 @@ class Authenticate:
 
     token: str
     resume: ResumeRequest
+    given: frozenset[str] = frozenset()  # which resume fields the frame carried
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,4 +158,5 @@ class Session:
         resume = parse_resume(frame.get("since"), frame.get("epoch"), frame.get("device"))
         if isinstance(resume, str):
             return Close(CloseReason.INVALID_TOKEN)
-        return Authenticate(token, resume)
+        given = frozenset(k for k in ("since", "epoch", "device") if frame.get(k) not in (None, ""))
+        return Authenticate(token, resume, given)

@@ -50,7 +50,11 @@ class Flusher:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
         for transport in dirty:
-            transport.flush()
+            try:
+                transport.flush()
+            except Exception:  # one broken connection must not stall the others of this batch
+                log.exception("flushing a connection failed")
+                transport.close(CloseReason.INTERNAL_ERROR)
 
 
 class WebSocketTransport:

@@ -56,6 +56,13 @@ def origin_allowed(request: web.Request, state: AppState) -> bool:
     return False
 
 
+def _merge_resume(query: ResumeRequest, frame: ResumeRequest, given: frozenset[str]) -> ResumeRequest:
+    """Resume fields may come in the query or the auth frame (PROTOCOL 3.7); the frame wins field by field."""
+    return ResumeRequest(since=frame.since if "since" in given else query.since,
+                         epoch=frame.epoch if "epoch" in given else query.epoch,
+                         device=frame.device if "device" in given else query.device)
+
+
 def _bound_kernel_buffer(request: web.Request) -> None:
     """Cap the kernel's send buffer, so a client that stops reading fills its outbox (and is closed
     `slow_consumer`) after a bounded amount of memory, not after megabytes of autotuned socket buffer."""
@@ -127,13 +134,18 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 if first is not CloseReason.NORMAL:
                     await _close(ws, first)
                 return ws
-            token, resume = first.token, first.resume
+            token, resume = first.token, _merge_resume(resume, first.resume, first.given)
             session.opened()
         principal = node.verify(token)
         admitted_in = await node.admit(principal, diagnosis_id)
     except ServiceError as exc:
         metrics.connection_attempts.labels(exc.close.reason).inc()
         await _close(ws, exc.close)
+        return ws
+    except Exception:  # the upgrade is done: answer with a close code, never an HTTP 500 on the socket
+        log.exception("admitting a connection failed")
+        metrics.connection_attempts.labels(CloseReason.INTERNAL_ERROR.reason).inc()
+        await _close(ws, CloseReason.INTERNAL_ERROR)
         return ws
     metrics.connection_attempts.labels("accepted").inc()
     await _serve(ws, request, state, session, principal, diagnosis_id, resume, admitted_in)
