@@ -347,3 +347,21 @@ async def test_idempotent_result_lives_for_the_ttl(harness: BrokerHarness) -> No
     await harness.advance(2)
     assert await broker.idempotent_result("service:a", "k") is None
     assert await broker.idempotent_result("service:a", "later") == b"later"
+
+
+async def test_memory_sweep_frees_expired_history_and_inboxes_without_losing_the_position() -> None:
+    """A diagnosis nobody touches again still loses its expired history and inboxes, but keeps offset and epoch."""
+    now = [1000.0]
+    broker = MemoryBroker(HISTORY_SIZE, HISTORY_TTL, INBOX_SIZE, IDEMPOTENCY_TTL, clock=lambda: now[0])
+    for i in range(3):
+        await broker.publish(7, b'{"i":%d}' % i)
+    await broker.push_personal(7, 42, b'{"personal":true}')
+    before = await broker.position(7)
+    now[0] += HISTORY_TTL + 1
+    broker.sweep()
+    assert broker._retained == 0
+    assert broker._inboxes == {}
+    assert await broker.position(7) == before
+    history = await broker.history(7, 0)
+    assert history.publications == ()
+    assert history.oldest == before.offset + 1

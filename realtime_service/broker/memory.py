@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -19,6 +21,7 @@ class _Stream:
     entries: deque[tuple[float, Publication]] = field(default_factory=deque)
 
 
+SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired history and inboxes
 MAX_DEVICES_PER_USER = 64  # device ids are client-chosen: bound what one user can make the node remember
 MAX_IDEMPOTENCY_RECORDS = 200_000
 
@@ -44,15 +47,35 @@ class MemoryBroker:
         self._idempotency: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
         self._handler: PublicationHandler = lambda publication: None
         self._retained = 0
+        self._sweeper: asyncio.Task[None] | None = None
 
     def set_handler(self, handler: PublicationHandler) -> None:
         self._handler = handler
 
     async def start(self) -> None:
-        return None
+        self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def close(self) -> None:
-        return None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Drop what retention no longer keeps: a diagnosis nobody touches would otherwise hold its history and
+        inboxes past the TTL. Each stream keeps its offset and epoch, so a later resume is still judged right."""
+        for stream in self._streams.values():
+            self._trim(stream)
+        horizon = self._clock() - self._history_ttl
+        for key in [k for k, inbox in self._inboxes.items() if not inbox or inbox[-1][0] <= horizon]:
+            del self._inboxes[key]
+        self._expire_idempotency()
 
     async def ping(self) -> None:
         return None
