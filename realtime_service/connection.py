@@ -20,6 +20,12 @@ class Transport(Protocol):
     def wake(self) -> None:
         """Frames were queued: let the writer run."""
 
+    def next_ping(self, written_offset: int) -> bytes:
+        """The payload of the PING being written now; remembers what was written before it for its PONG."""
+        self.ping_seq += 1
+        self.ping_marks[self.ping_seq] = written_offset
+        return str(self.ping_seq).encode()
+
     def close(self, reason: CloseReason) -> None:
         """Close the connection with this reason (idempotent)."""
 

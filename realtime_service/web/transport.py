@@ -144,9 +144,7 @@ class WebSocketTransport:
         while outbox:
             frame, offset = outbox.pop()
             if frame is PING:
-                conn.ping_seq += 1
-                conn.ping_marks[conn.ping_seq] = written
-                chunks.append(wsframe.ping(str(conn.ping_seq).encode()))
+                chunks.append(wsframe.ping(conn.next_ping(written)))
                 continue
             chunks.append(frame)
             if offset is not None:
@@ -191,16 +189,14 @@ class WebSocketTransport:
         while conn.outbox:
             frame, offset = conn.outbox.pop()
             if frame is PING:
-                conn.ping_seq += 1
-                conn.ping_marks[conn.ping_seq] = conn.written_offset
-                await self.ws.ping(str(conn.ping_seq).encode())
+                await self.ws.ping(conn.next_ping(conn.written_offset))
                 continue
             await self.ws.send_str(_payload(frame).decode())
             if offset is not None:
                 conn.written_offset = offset
 
     # -- closing -----------------------------------------------------------------------------------------
-    async def run_until_closed(self, reader: asyncio.Task[None]) -> None:
+    async def run_until_closed(self, reader: asyncio.Task[None] | None) -> None:
         """Wait for a close request or the peer's departure, then close in order and free everything."""
         reason = await self._done
         conn = self.conn

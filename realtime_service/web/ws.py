@@ -217,8 +217,6 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
         log.exception("attach failed")
         conn.close(CloseReason.INTERNAL_ERROR)
     try:
-        if reader is None:
-            reader = asyncio.create_task(asyncio.sleep(0))
         await transport.run_until_closed(reader)
     finally:
         timer.cancel()
