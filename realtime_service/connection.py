@@ -20,12 +20,6 @@ class Transport(Protocol):
     def wake(self) -> None:
         """Frames were queued: let the writer run."""
 
-    def next_ping(self, written_offset: int) -> bytes:
-        """The payload of the PING being written now; remembers what was written before it for its PONG."""
-        self.ping_seq += 1
-        self.ping_marks[self.ping_seq] = written_offset
-        return str(self.ping_seq).encode()
-
     def close(self, reason: CloseReason) -> None:
         """Close the connection with this reason (idempotent)."""
 
@@ -113,6 +107,12 @@ class Connection:
         self.awaiting_pong = True
         self.outbox.ping()
         self.transport.wake()
+
+    def next_ping(self, written_offset: int) -> bytes:
+        """The payload of the PING being written now; remembers what was written before it for its PONG."""
+        self.ping_seq += 1
+        self.ping_marks[self.ping_seq] = written_offset
+        return str(self.ping_seq).encode()
 
     def close(self, reason: CloseReason) -> None:
         if self.phase is Phase.CLOSED:
