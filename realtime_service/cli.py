@@ -1,4 +1,7 @@
-"""`realtime-service serve | dev | migrate | token`: the only reader of argv and os.environ (PROTOCOL 8)."""
+"""The `realtime-service` command line (serve, dev, migrate, token).
+
+It is the only reader of argv and os.environ; everything below it gets settings passed in.
+"""
 
 from __future__ import annotations
 
@@ -28,25 +31,84 @@ class StartupError(Exception):
 DEV_FOLDER = ".realtime-dev"
 
 
+DESCRIPTION = """\
+Realtime diagnosis updates over WebSockets, beside the main API.
+
+Start here: `realtime-service dev` runs everything on this machine (an embedded PostgreSQL, demo data, the
+debug console) and prints tokens to try it with. `realtime-service serve` is the production server."""
+
+EPILOG = """\
+Every setting is an environment variable REALTIME_<NAME> (REALTIME_PORT, REALTIME_DATABASE_URL,
+REALTIME_JWT_SECRET, REALTIME_REDIS_URL, ...) or a key <name> of the TOML file given with --config. Flags win
+over the environment, the environment wins over the file. Every key with its default: config/default.toml;
+the protocol and every variable: docs/protocol.md. `realtime-service COMMAND --help` shows a command's flags."""
+
+_SERVE_HELP = """\
+Run the server: WebSocket clients on /ws/<diagnosis_id>, the REST API for the main API, /healthz, /readyz,
+/metrics. Needs REALTIME_DATABASE_URL (the main API's read replica) and the token settings
+(REALTIME_JWT_SECRET, or REALTIME_JWT_ALGORITHMS=RS256 with REALTIME_JWT_PUBLIC_KEY_FILE). SIGTERM drains the
+connections and exits 0."""
+
+_DEV_HELP = """\
+Run everything on this machine for development: an embedded PostgreSQL in --data-dir (unless
+REALTIME_DATABASE_URL is set), the migrations, demo users and diagnoses, the debug console, and a JWT secret
+kept in --data-dir. Prints the console's URL and `export` lines for a demo user token and a service token.
+Listens on 127.0.0.1:8080 unless told otherwise. Ctrl-C stops it (and its PostgreSQL)."""
+
+_MIGRATE_HELP = """\
+Apply the SQL migrations shipped with the package to REALTIME_DATABASE_URL (the dev/test schema: users,
+diagnoses). Running it again changes nothing. Needs no JWT secret."""
+
+_TOKEN_HELP = """\
+Print a token signed with REALTIME_JWT_SECRET (HS256), for development and tests: a user token with
+--sub <user id>, or a service token with --scope realtime:publish. Needs no database."""
+
+
+def _add_config(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--config", type=Path, metavar="FILE",
+                     help="a TOML file of settings (keys are the variable names without REALTIME_, in lower "
+                          "case, e.g. port = 8080); never picked up unless named here")
+
+
+def _add_listen_address(cmd: argparse.ArgumentParser, default_host: str) -> None:
+    cmd.add_argument("--host", metavar="ADDRESS",
+                     help=f"address to listen on (REALTIME_HOST; default {default_host})")
+    cmd.add_argument("--port", type=int, metavar="PORT",
+                     help="TCP port to listen on (REALTIME_PORT; default 8080; 0 picks a free one)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="realtime-service", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("serve", "run the server"),
-                            ("dev", "run on the embedded default: embedded PostgreSQL, demo data, console")):
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("--config", type=Path, help="TOML file (keys: setting names without REALTIME_)")
-        cmd.add_argument("--host")
-        cmd.add_argument("--port", type=int)
-        if name == "dev":
-            cmd.add_argument("--data-dir", type=Path, default=Path(DEV_FOLDER),
-                             help=f"where the embedded PostgreSQL keeps its data (default ./{DEV_FOLDER})")
-    migrate = sub.add_parser("migrate", help="apply migrations/ to REALTIME_DATABASE_URL")
-    migrate.add_argument("--config", type=Path)
-    token = sub.add_parser("token", help="print a token signed with the configured HS256 secret")
-    token.add_argument("--config", type=Path)
-    token.add_argument("--sub", required=True, help="user id, or a service name with --scope")
-    token.add_argument("--scope", help="e.g. realtime:publish for a service token")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    from realtime_service import __version__
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="realtime-service", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the server (production)", description=_SERVE_HELP, epilog=EPILOG,
+                           formatter_class=formatter)
+    _add_config(serve)
+    _add_listen_address(serve, "0.0.0.0")
+    dev = sub.add_parser("dev", help="run everything locally: embedded PostgreSQL, demo data, console, tokens",
+                         description=_DEV_HELP, epilog=EPILOG, formatter_class=formatter)
+    _add_config(dev)
+    _add_listen_address(dev, "127.0.0.1")
+    dev.add_argument("--data-dir", type=Path, default=Path(DEV_FOLDER), metavar="DIR",
+                     help=f"where the embedded PostgreSQL and the dev JWT secret live (default ./{DEV_FOLDER}); "
+                          "a second `dev` needs its own")
+    migrate = sub.add_parser("migrate", help="apply the shipped migrations to REALTIME_DATABASE_URL",
+                             description=_MIGRATE_HELP, epilog=EPILOG, formatter_class=formatter)
+    _add_config(migrate)
+    token = sub.add_parser("token", help="print a development token signed with REALTIME_JWT_SECRET",
+                           description=_TOKEN_HELP, epilog=EPILOG, formatter_class=formatter)
+    _add_config(token)
+    token.add_argument("--sub", required=True, metavar="SUBJECT",
+                       help="the token's subject: a user id (a positive integer) for a user token, or a caller "
+                            "name such as main-api together with --scope")
+    token.add_argument("--scope", metavar="SCOPE",
+                       help="realtime:publish makes a service token (publishes to any diagnosis, owns none)")
+    token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS",
+                       help="seconds until the token expires, at least 1 (default 3600)")
     return parser
 
 
