@@ -5,10 +5,14 @@ The environment is passed in, never read here, so two apps in one test can hold 
 
 from __future__ import annotations
 
+import difflib
+import json
+import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -19,14 +23,24 @@ OPTIONAL_FIELDS = frozenset({"database_url", "redis_url", "jwt_secret", "jwt_pub
                              "jwt_issuer"})
 
 
+# REALTIME_* variables that are not settings but are read by someone on purpose (the test-suite's own start with
+# REALTIME_TEST_); an unknown one is warned about, with the closest setting's name.
+KNOWN_ENV_PREFIXES = ("REALTIME_TEST_",)
+KNOWN_ENV_NAMES: frozenset[str] = frozenset()
+
+# psycopg2 placeholders: %(name)s, %s, or a literal %%.
+_PLACEHOLDER = re.compile(r"%(?:\((?P<name>[^)]*)\))?(?P<kind>.)", re.DOTALL)
+
+
 class ConfigError(Exception):
-    """The configuration cannot be used; the message names the setting."""
+    """The configuration cannot be used; the message names the setting and where its value came from."""
 
 
 class Settings(BaseModel):
     """Every setting of PROTOCOL 8. Durations are seconds, sizes bytes."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: `heartbeat = inf` (or 1e400) would mean a heartbeat that never fires.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
@@ -69,6 +83,25 @@ class Settings(BaseModel):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("ownership_query")
+    @classmethod
+    def _one_placeholder(cls, value: str) -> str:
+        # The query runs with {"diagnosis_id": N}; any other placeholder fails every connect at run time.
+        names = set()
+        for match in _PLACEHOLDER.finditer(value):
+            if match.group("kind") == "%" and match.group("name") is None:
+                continue  # %% is a literal percent sign
+            shown = match.group(0)
+            if match.group("kind") != "s" or match.group("name") is None:
+                raise ValueError(f"placeholder {shown!r} is not supported; write %(diagnosis_id)s")
+            names.add(match.group("name"))
+        unknown = sorted(names - {"diagnosis_id"})
+        if unknown:
+            raise ValueError(f"unknown placeholder %({unknown[0]})s; the only one is %(diagnosis_id)s")
+        if not names:
+            raise ValueError("the query must use %(diagnosis_id)s, or every diagnosis would get the same owner")
+        return value
+
     @field_validator("jwt_algorithms")
     @classmethod
     def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -110,29 +143,162 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def load_settings(environ: Mapping[str, str], config_file: Path | None = None,
-                  defaults: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
-                  ) -> Settings:
-    """Build settings from command defaults, then the TOML file, then the environment, then CLI flags."""
-    values: dict[str, Any] = dict(defaults or {})
+def env_name(name: str) -> str:
+    """The environment variable of a setting: heartbeat -> REALTIME_HEARTBEAT."""
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one setting's value came from, to name it in an error: the default, a command's default, a file, the
+    environment or a flag."""
+
+    kind: Literal["default", "command", "file", "environment", "flag"]
+    name: str
+    path: Path | None = None
+
+    def describe(self, value: Any = None, *, show_value: bool = False) -> str:
+        """`REALTIME_HEARTBEAT=inf in the environment`, `heartbeat = true in app.toml`, `--port 70000`..."""
+        if self.kind == "environment":
+            return env_name(self.name) + (f"={_shown(self.name, value)}" if show_value else "") + " in the environment"
+        if self.kind == "file":
+            return self.name + (f" = {_shown(self.name, value, toml=True)}" if show_value else "") + f" in {self.path}"
+        if self.kind == "flag":
+            return f"--{self.name.replace('_', '-')}" + (f" {_shown(self.name, value)}" if show_value else "")
+        where = "the command's default" if self.kind == "command" else "the default"
+        return f"{self.name} = {_shown(self.name, value, toml=True)} ({where})" if show_value else where
+
+
+def _is_secret(name: str) -> bool:
+    info = Settings.model_fields.get(name)
+    return info is not None and SecretStr in (info.annotation, *get_args(info.annotation))
+
+
+def _shown(name: str, value: Any, *, toml: bool = False) -> str:
+    if _is_secret(name):
+        return "<hidden>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = (json.dumps(value) if toml else value) if isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _numeric(name: str) -> bool:
+    info = Settings.model_fields[name]
+    return bool({int, float} & {info.annotation, *get_args(info.annotation)})
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Settings with the source of every value that did not come from the default, and warnings to log."""
+
+    settings: Settings
+    sources: Mapping[str, Source] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def source(self, name: str) -> Source:
+        return self.sources.get(name, Source("default", name))
+
+    def where(self, name: str) -> str:
+        """The setting and where it came from, for a one-line error: `jwt_secret (REALTIME_JWT_SECRET in ...)`."""
+        return self.source(name).describe()
+
+
+def closest_setting(name: str) -> str | None:
+    """The known setting whose name is nearest to a mistyped one (for "did you mean")."""
+    found = difflib.get_close_matches(name.lower(), list(Settings.model_fields), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_env_warnings(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """One line per REALTIME_* variable that is no setting (a typo is otherwise silently ignored)."""
+    known = {env_name(name) for name in Settings.model_fields} | KNOWN_ENV_NAMES
+    lines = []
+    for key in sorted(environ):
+        if not key.startswith(ENV_PREFIX) or key in known or key.startswith(KNOWN_ENV_PREFIXES):
+            continue
+        guess = closest_setting(key[len(ENV_PREFIX):])
+        hint = f"; did you mean {env_name(guess)}?" if guess else "; every setting is listed in config/default.toml"
+        lines.append(f"{key} is not a setting and is ignored{hint}")
+    return tuple(lines)
+
+
+def _layer_problems(values: Mapping[str, Any], sources: Mapping[str, Source]) -> list[str]:
+    """Validate one layer on its own, so a bad value in the file is reported even when the environment hides it."""
+    problems = []
+    for name, value in values.items():
+        if isinstance(value, bool) and _numeric(name):
+            # TOML `heartbeat = true` would otherwise become 1 second.
+            problems.append(f"{sources[name].describe(value, show_value=True)}: expected a number, not a boolean")
+    try:
+        Settings.model_validate(values)
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else ""
+            if name in sources and not (isinstance(values.get(name), bool) and _numeric(name)):
+                message = str(err["msg"]).removeprefix("Value error, ")
+                problems.append(f"{sources[name].describe(values.get(name), show_value=True)}: {message}")
+    return problems
+
+
+def _cross_problems(loaded: Loaded) -> list[str]:
+    settings = loaded.settings
+    problems = []
+    if settings.db_pool_min > settings.db_pool_max:
+        problems.append(f"db_pool_min {settings.db_pool_min} ({loaded.where('db_pool_min')}) is above db_pool_max "
+                        f"{settings.db_pool_max} ({loaded.where('db_pool_max')})")
+    return problems
+
+
+def load(environ: Mapping[str, str], config_file: Path | None = None, defaults: Mapping[str, Any] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Loaded:
+    """Build settings from command defaults, then the TOML file, then the environment, then CLI flags.
+
+    Each layer is validated on its own first, so every error names the key and the layer it came from.
+    """
+    layers: list[tuple[dict[str, Any], dict[str, Source]]] = []
+    command = dict(defaults or {})
+    layers.append((command, {name: Source("command", name) for name in command}))
     if config_file is not None:
         try:
             data = tomllib.loads(Path(config_file).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
         unknown = sorted(set(data) - set(Settings.model_fields))
         if unknown:
-            raise ConfigError(f"unknown setting(s) in {config_file}: {', '.join(unknown)}")
-        values.update(data)
-    values.update(_env_values(environ))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    for name in LIST_FIELDS & set(values):
-        values[name] = _split(values[name])
+            hints = [f"{key} (did you mean {guess}?)" if (guess := closest_setting(key)) else key for key in unknown]
+            raise ConfigError(f"unknown setting(s) in {config_file}: {', '.join(hints)}")
+        layers.append((data, {name: Source("file", name, Path(config_file)) for name in data}))
+    env = _env_values(environ)
+    layers.append((env, {name: Source("environment", name) for name in env}))
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    layers.append((flags, {name: Source("flag", name) for name in flags}))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, Source] = {}
+    problems: list[str] = []
+    for layer, layer_sources in layers:
+        for name in LIST_FIELDS & set(layer):
+            layer[name] = _split(layer[name])
+        problems += _layer_problems(layer, layer_sources)
+        values.update(layer)
+        sources.update(layer_sources)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
     try:
-        return Settings.model_validate(values)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"][:1])
-            problems.append(f"{name} ({ENV_PREFIX}{name.upper()}): {err['msg']}")
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:  # a rule about several settings at once
+        raise ConfigError("invalid configuration: " + "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors())) from None
+    loaded = Loaded(settings, sources, unknown_env_warnings(environ))
+    problems = _cross_problems(loaded)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return loaded
+
+
+def load_settings(environ: Mapping[str, str], config_file: Path | None = None,
+                  defaults: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
+                  ) -> Settings:
+    """The settings alone (see `load` for their sources and warnings)."""
+    return load(environ, config_file, defaults, overrides).settings
