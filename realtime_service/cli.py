@@ -15,12 +15,17 @@ import sys
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 
 from realtime_service.logs import RedactingAccessLogger, configure_logging
-from realtime_service.settings import ConfigError, Settings, load_settings
+from realtime_service.settings import ConfigError, Loaded, Settings, load
+
+if TYPE_CHECKING:
+    import socket
+
+    from realtime_service.devlock import DevLock
 
 log = logging.getLogger("realtime.cli")
 
@@ -129,11 +134,51 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except StartupError as exc:
         print(f"realtime-service {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while starting (the embedded PostgreSQL, the replica check)
+        print(f"realtime-service {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace, env: Mapping[str, str], defaults: dict[str, Any] | None = None) -> Loaded:
+    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    return load(env, getattr(args, "config", None), defaults=defaults, overrides=overrides)
 
 
 def _settings(args: argparse.Namespace, env: Mapping[str, str], defaults: dict[str, Any] | None = None) -> Settings:
-    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
-    return load_settings(env, getattr(args, "config", None), defaults=defaults, overrides=overrides)
+    return _load(args, env, defaults).settings
+
+
+def _warn(loaded: Loaded) -> None:
+    """Log what the settings loader noticed but did not refuse (an unknown REALTIME_* variable)."""
+    for line in loaded.warnings:
+        log.warning("%s", line)
+
+
+def _bind(loaded: Loaded) -> list[socket.socket]:
+    """Bind before anything is printed or started: a busy port is the first and only thing the user sees."""
+    from realtime_service.listening import BindError, bind_sockets
+
+    settings = loaded.settings
+    try:
+        return bind_sockets(settings.host, settings.port, host_from=loaded.where("host"),
+                            port_from=loaded.where("port"))
+    except BindError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _check_settings(loaded: Loaded) -> None:
+    """Refuse at start what would fail later: a file a setting names that is missing, a weak secret."""
+    from realtime_service.preflight import check_files, check_secrets
+
+    check_files(loaded)
+    check_secrets(loaded)
+
+
+def _check_replica(loaded: Loaded) -> None:
+    """Run the ownership query once: refuse one that cannot answer, log a replica that does not."""
+    from realtime_service.preflight import check_replica
+
+    check_replica(loaded)
 
 
 def mint_token(secret: str, sub: str, scope: str | None, ttl: int) -> str:
@@ -145,44 +190,100 @@ def mint_token(secret: str, sub: str, scope: str | None, ttl: int) -> str:
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+MAX_USER_ID = 2**63 - 1  # ids are bigint
+
+
 def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    # Both mistakes below mint a token that can never work; refuse them before touching any setting.
+    if args.ttl < 1:
+        raise ConfigError(f"--ttl {args.ttl}: a token must live at least 1 second (default 3600)")
+    if not args.scope and not (args.sub.isascii() and args.sub.isdigit() and 0 < int(args.sub) <= MAX_USER_ID):
+        raise ConfigError(f"--sub {args.sub!r} is not a user id (a positive integer); for a service token add "
+                          "--scope realtime:publish")
     settings = _settings(args, env)
     secret = settings.secret("jwt_secret")
     if not secret:
-        raise ConfigError("REALTIME_JWT_SECRET is required to sign a token")
+        raise ConfigError("REALTIME_JWT_SECRET is required to sign a token (dev keeps its secret in "
+                          f"{DEV_FOLDER}/jwt_secret)")
     print(mint_token(secret, args.sub, args.scope, args.ttl))
     return 0
 
 
 def _migrate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from realtime_service.db.migrate import apply_migrations
-
-    settings = _settings(args, env)
+    loaded = _load(args, env)
+    settings = loaded.settings
     configure_logging(settings.log_level)
+    _warn(loaded)
     dsn = settings.secret("database_url")
     if not dsn:
         raise ConfigError("REALTIME_DATABASE_URL is required")
-    applied = apply_migrations(dsn)
+    applied = _apply_migrations(dsn, loaded)
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
 
 
+def _apply_migrations(dsn: str, loaded: Loaded) -> list[str]:
+    """Migrate, turning psycopg2's multi-line errors into one line naming the server and the setting."""
+    import psycopg2
+
+    from realtime_service.db.describe import describe_db_error, server_of
+    from realtime_service.db.migrate import apply_migrations
+
+    try:
+        return apply_migrations(dsn)
+    except psycopg2.OperationalError as exc:
+        raise StartupError(f"cannot reach the database at {server_of(dsn)} ({loaded.where('database_url')}): "
+                           f"{describe_db_error(exc, dsn)}") from None
+    except psycopg2.Error as exc:
+        raise StartupError(f"a migration failed on {server_of(dsn)}: {describe_db_error(exc, dsn)}") from None
+    except FileNotFoundError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    settings = _settings(args, env)
+    loaded = _load(args, env)
+    settings = loaded.settings
     configure_logging(settings.log_level)
-    return run_loop(run_server(settings))
+    _warn(loaded)
+    _check_settings(loaded)
+    sockets = _bind(loaded)
+    _check_replica(loaded)
+    return run_loop(run_server(settings, sockets=sockets))
 
 
 def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from realtime_service.db.demo import seed_demo
-    from realtime_service.db.embedded import EmbeddedPostgres, EmbeddedPostgresError
-    from realtime_service.db.migrate import apply_migrations
+    from realtime_service.devlock import AlreadyRunning, DevLock
 
     data_dir: Path = args.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     defaults: dict[str, Any] = {"env": "development", "console_enabled": True, "host": "127.0.0.1"}
-    settings = _settings(args, env, defaults)
+    loaded = _load(args, env, defaults)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create the data folder {data_dir} (--data-dir): {exc.strerror}") from None
+    lock = DevLock(data_dir)
+    try:
+        lock.acquire()  # before binding: a second `dev` is told about the first, not about a busy port
+    except AlreadyRunning as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        return _dev_locked(loaded, data_dir, lock)
+    finally:
+        lock.release()
+
+
+def _dev_locked(loaded: Loaded, data_dir: Path, lock: DevLock) -> int:
+    from realtime_service.db.demo import seed_demo
+    from realtime_service.db.embedded import EmbeddedPostgres, EmbeddedPostgresError
+    from realtime_service.listening import bound_port
+
+    settings = loaded.settings
     configure_logging(settings.log_level)
+    _warn(loaded)
+    _check_settings(loaded)
+    sockets = _bind(loaded)
+    for sock in sockets:
+        sock.listen(4096)  # connections made while PostgreSQL starts wait in the backlog instead of failing
     if settings.jwt_secret is None:
         secret_file = data_dir / "jwt_secret"
         if not secret_file.exists():
@@ -191,7 +292,7 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         settings = settings.model_copy(update={"jwt_secret": _secret(secret_file.read_text().strip())})
     embedded: EmbeddedPostgres | None = None
     if settings.database_url is None:
-        embedded = EmbeddedPostgres(data_dir / "pgdata")
+        embedded = EmbeddedPostgres(data_dir / "pgdata", adopt=True)
         try:
             settings = settings.model_copy(update={"database_url": _secret(embedded.start())})
         except EmbeddedPostgresError as exc:
@@ -199,26 +300,29 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         dsn = settings.secret("database_url")
         assert dsn is not None
-        apply_migrations(dsn)
+        _apply_migrations(dsn, loaded)
         demo = seed_demo(dsn)
+        _check_replica(Loaded(settings, loaded.sources))
         secret = settings.secret("jwt_secret")
         assert secret is not None
-        owner = demo.owner_of[demo.diagnosis_ids[0]]
+        first = demo.diagnosis_ids[0]
+        owner = demo.owner_of[first]
         user_token = mint_token(secret, str(owner), None, 24 * 3600)
         service_token = mint_token(secret, "dev-console", "realtime:publish", 24 * 3600)
-        shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-        base = f"http://{shown_host}:{settings.port}"
-        print("\nrealtime-service dev is starting", flush=True)
-        print(f"  console:        {base}/console", flush=True)
-        print(f"  demo diagnoses: {', '.join(f'{d} (owner {demo.owner_of[d]})' for d in demo.diagnosis_ids)}",
-              flush=True)
-        print(f"  user token (user {owner}):\n    {user_token}", flush=True)
-        print(f"  service token:\n    {service_token}", flush=True)
-        print(f"  try: curl -X POST {base}/api/v1/publish -H 'Authorization: Bearer <service token>' "
-              f"-H 'Content-Type: application/json' -d '{{\"diagnosis_id\": {demo.diagnosis_ids[0]}, "
-              f"\"type\": \"hello\", \"data\": {{}}}}'\n", flush=True)
+        shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        base = f"http://{shown_host}:{bound_port(sockets)}"
+        lock.describe(f"{base}/console")
+        owned = ", ".join(f"{d} (owner {demo.owner_of[d]})" for d in demo.diagnosis_ids)
+        print(f"\nrealtime-service dev is running on {base} (Ctrl-C stops it)\n"
+              f"  console:        {base}/console\n"
+              f"  demo diagnoses: {owned}\n"
+              f"\nPaste these lines into another terminal (the tokens last 24 hours; user {owner} owns diagnosis "
+              f"{first}):\n\n"
+              f"export REALTIME_URL={base}\n"
+              f"export USER_TOKEN={user_token}\n"
+              f"export SERVICE_TOKEN={service_token}\n", flush=True)
         return run_loop(run_server(settings, demo_tokens={"user": user_token, "service": service_token,
-                                                             "diagnosis_id": str(demo.diagnosis_ids[0])}))
+                                                             "diagnosis_id": str(first)}, sockets=sockets))
     finally:
         if embedded is not None:
             embedded.stop()
@@ -240,7 +344,8 @@ def _secret(value: str) -> Any:
     return SecretStr(value)
 
 
-async def run_server(settings: Settings, demo_tokens: dict[str, str] | None = None) -> int:
+async def run_server(settings: Settings, demo_tokens: dict[str, str] | None = None,
+                     sockets: Sequence[socket.socket] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain (PROTOCOL 8) and return the exit code."""
     from aiohttp import web
 
@@ -253,10 +358,15 @@ async def run_server(settings: Settings, demo_tokens: dict[str, str] | None = No
     runner = web.AppRunner(app, handle_signals=False, access_log_class=RedactingAccessLogger,
                            shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
-    await site.start()
-    log.info("listening on %s:%s (env %s, broker %s)", settings.host, settings.port, settings.env,
-             "redis" if settings.redis_url else "memory")
+    sites: list[web.BaseSite] = [web.SockSite(runner, sock, backlog=4096) for sock in sockets or ()]
+    if not sites:
+        sites.append(web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True))
+    for site in sites:
+        await site.start()
+    # The addresses actually bound: with --port 0 the kernel's choice, not 0.
+    addresses = [f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}" for a in runner.addresses]
+    log.info("listening on %s (env %s, broker %s)", ", ".join(addresses), settings.env,
+             "redis" if settings.redis_url else "memory", extra={"port": runner.addresses[0][1]})
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

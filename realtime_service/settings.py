@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 ENV_PREFIX = "REALTIME_"
 DEFAULT_OWNERSHIP_QUERY = "SELECT user_id FROM diagnoses WHERE id = %(diagnosis_id)s"
-LIST_FIELDS = frozenset({"jwt_algorithms", "allowed_origins"})
+LIST_FIELDS = frozenset({"jwt_algorithms", "allowed_origins", "allowed_hosts", "trusted_proxies"})
 OPTIONAL_FIELDS = frozenset({"database_url", "redis_url", "jwt_secret", "jwt_public_key_file", "jwt_audience",
+                             "public_origin",
                              "jwt_issuer"})
 
 
@@ -77,6 +78,39 @@ class Settings(BaseModel):
     ws_compression: bool = False
     personal_inbox_size: int = Field(100, ge=1)
     idempotency_ttl: float = Field(600, gt=0)
+    # The HTTP edge (issue 9): timeouts against idle and half-sent requests, hosts, limits (PROTOCOL 3.11).
+    http_head_timeout: float = Field(10, gt=0)
+    http_body_timeout: float = Field(10, gt=0)
+    http_body_deadline: float = Field(60, gt=0)
+    http_keepalive_timeout: float = Field(75, gt=0)
+    allowed_hosts: tuple[str, ...] = ()
+    public_origin: str | None = None
+    max_connections: int = Field(0, ge=0)
+    max_connections_per_user: int = Field(0, ge=0)
+    connect_rate: float = Field(0, ge=0)
+    connect_burst: int = Field(0, ge=0)
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from realtime_service.limits import parse_networks
+
+        parse_networks(value)
+        return value
+
+    @field_validator("public_origin")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+                or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"{value!r} is not an origin like https://realtime.example.com[:port]")
+        return value.rstrip("/").lower()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -162,7 +196,8 @@ class Source:
         if self.kind == "environment":
             return env_name(self.name) + (f"={_shown(self.name, value)}" if show_value else "") + " in the environment"
         if self.kind == "file":
-            return self.name + (f" = {_shown(self.name, value, toml=True)}" if show_value else "") + f" in {self.path}"
+            return f"{self.name} = {_shown(self.name, value, toml=True)} in {self.path}" if show_value \
+                else f"set in {self.path}"
         if self.kind == "flag":
             return f"--{self.name.replace('_', '-')}" + (f" {_shown(self.name, value)}" if show_value else "")
         where = "the command's default" if self.kind == "command" else "the default"

@@ -15,6 +15,7 @@ from typing import Any
 import aiopg
 import psycopg2
 
+from realtime_service.db.describe import describe_db_error, server_of
 from realtime_service.errors import OwnershipUnavailable
 
 log = logging.getLogger("realtime.replica")
@@ -70,10 +71,12 @@ class PostgresOwnership:
         try:
             return await asyncio.wait_for(self._run(sql, params), budget)
         except TimeoutError:
-            log.warning("replica did not answer within %.1fs", budget)
+            log.warning("replica at %s did not answer within %.1fs", server_of(self._dsn), budget)
             raise OwnershipUnavailable("the read replica did not answer in time") from None
         except (psycopg2.Error, OSError) as exc:
-            log.warning("replica error: %s", type(exc).__name__)
+            # The server's own words, one line, password masked: the class name alone says nothing.
+            log.warning("replica error at %s: %s: %s", server_of(self._dsn), type(exc).__name__,
+                        describe_db_error(exc, self._dsn))
             raise OwnershipUnavailable("the read replica is unavailable") from None
 
     async def owner_of(self, diagnosis_id: int) -> int | None:

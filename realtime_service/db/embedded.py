@@ -71,8 +71,13 @@ class EmbeddedPostgres:
         settings: Mapping[str, str] | None = None,
         bin_dir: Path | None = None,
         timeout: float = 60.0,
+        adopt: bool = False,
     ) -> None:
-        """Describe the server; nothing happens on disk until ``start()``."""
+        """Describe the server; nothing happens on disk until ``start()``.
+
+        ``adopt``: the caller owns the data folder (``dev`` holds its lock), so a server already running on it was
+        left behind by a previous run that died; use it (and stop it at the end) instead of refusing.
+        """
         self._requested_dir = Path(data_dir)
         self._system_user = system_user
         self._host = host
@@ -84,6 +89,7 @@ class EmbeddedPostgres:
                 raise ValueError(f"unsupported PostgreSQL setting {name}={value!r}")
         self._bin_override = bin_dir
         self._timeout = timeout
+        self._adopt = adopt
         self._data_dir: Path | None = None
         self._bin_dir: Path | None = None
         self._account: Account | None = None
@@ -120,9 +126,16 @@ class EmbeddedPostgres:
         if not (data_dir / "PG_VERSION").exists():
             self._initdb()
         if self._status() == 0:
+            port = self._running_port()
+            if self._adopt and port is not None:
+                _log.warning("reusing the embedded PostgreSQL left running on %s (port %d)", data_dir, port)
+                self._dsn = f"postgresql://{SUPERUSER}@{self._host}:{port}/postgres"
+                return self._dsn
+            # Someone else's server: never suggest stopping it, it may be serving another process.
             raise EmbeddedPostgresError(
-                f"a PostgreSQL server is already running on {data_dir}; stop it with: "
-                f"{bin_dir / 'pg_ctl'} -D {data_dir} stop -m fast"
+                f"another PostgreSQL server is already running on {data_dir}"
+                + (f" (port {port})" if port is not None else "")
+                + "; use another data folder for this one"
             )
         self._dsn = self._start_on_free_port()
         return self._dsn
@@ -189,6 +202,14 @@ class EmbeddedPostgres:
             "pg_ctl", "-D", str(self.data_dir), "-l", str(self._log_path()), "-w", "-t",
             f"{self._timeout:.0f}", "-o", options, "start",
         ], log_hint=True)
+
+    def _running_port(self) -> int | None:
+        """The port in ``postmaster.pid`` of the server running on the data folder (line 4), if readable."""
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+            return int(lines[3])
+        except (OSError, IndexError, ValueError):
+            return None
 
     def _status(self) -> int:
         """Return ``pg_ctl status``'s exit code: 0 when a server runs on the data folder."""
