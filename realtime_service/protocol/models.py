@@ -11,9 +11,42 @@ from realtime_service.protocol.changes import changed_fields
 RESERVED_TYPES = frozenset({"connect", "pong", "reconnect_messages", "error", "auth", "ping"})
 TYPE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 MAX_BATCH = 1000
+# orjson serialises at most 254 levels of nesting and a frame wraps `data` in a few more; 64 is far beyond any
+# real update and keeps every accepted body serialisable (a deeper one is a 422, not a 500 at broadcast time).
+MAX_DATA_DEPTH = 64
 
 PositiveId = Annotated[StrictInt, Field(gt=0, le=2**63 - 1)]
 Unit = Annotated[StrictFloat | StrictInt, Field(ge=0, le=1)]
+
+
+def nesting_depth(value: Any, limit: int = MAX_DATA_DEPTH) -> int:
+    """How deeply arrays and objects nest in a JSON value (a scalar is 0), counted without recursion.
+
+    Stops counting once past `limit`, so a hostile body costs at most one walk of its containers.
+    """
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        stack.extend((child, depth) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _shallow(value: Any) -> Any:
+    if nesting_depth(value) > MAX_DATA_DEPTH:
+        raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels of arrays and objects")
+    return value
 
 
 class _Body(BaseModel):
@@ -38,6 +71,11 @@ class PublishRequest(_Body):
             raise ValueError(f"type {value!r} is reserved")
         return value
 
+    @field_validator("data")
+    @classmethod
+    def _not_too_deep(cls, value: Any) -> Any:
+        return _shallow(value)
+
     def frame_type(self) -> str:
         return self.type
 
@@ -55,6 +93,12 @@ class RecommendationUpdateRequest(_Body):
     old_data: dict[str, Any]
     new_data: dict[str, Any]
     reason: StrictStr
+
+    @field_validator("old_data", "new_data")
+    @classmethod
+    def _not_too_deep(cls, value: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = _shallow(value)
+        return result
 
     def frame_type(self) -> str:
         return "recommendation_update"

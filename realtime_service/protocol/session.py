@@ -16,6 +16,8 @@ from realtime_service.errors import CloseReason
 from realtime_service.protocol.ratelimit import TokenBucket
 
 MAX_DEVICE_LENGTH = 128
+MAX_OFFSET = 2**63 - 1  # offsets are 64-bit signed integers everywhere (broker, Redis, PROTOCOL 3.7)
+MAX_OFFSET_DIGITS = 19  # len(str(MAX_OFFSET)); leading zeros beyond it are refused too
 
 
 class Phase(enum.Enum):
@@ -79,11 +81,13 @@ def parse_resume(since: Any, epoch: Any, device: Any) -> ResumeRequest | str:
     """Validate resume fields from a query string or an auth frame; a string is the complaint."""
     if since is not None:
         if isinstance(since, str):
-            if not (since.isascii() and since.isdigit()):
-                return "since must be a non-negative integer"
+            # Bound the digits before int(): Python refuses (ValueError) strings over 4,300 digits, and an
+            # offset never needs more than 19.
+            if not (since.isascii() and since.isdigit()) or len(since) > MAX_OFFSET_DIGITS:
+                return f"since must be an integer from 0 to {MAX_OFFSET}"
             since = int(since)
-        if not isinstance(since, int) or isinstance(since, bool) or since < 0:
-            return "since must be a non-negative integer"
+        if not isinstance(since, int) or isinstance(since, bool) or not 0 <= since <= MAX_OFFSET:
+            return f"since must be an integer from 0 to {MAX_OFFSET}"
     if epoch is not None and not isinstance(epoch, str):
         return "epoch must be a string"
     if device is None or device == "":

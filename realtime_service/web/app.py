@@ -99,11 +99,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     node = state.node
     await node.broker.start()
     heartbeat = asyncio.create_task(_heartbeat(node, state.settings.heartbeat))
+    # With workers, each samples its scrape-time gauges for the scrapes its siblings answer (metrics.py).
+    sampler = asyncio.create_task(state.metrics.run_sampler()) if state.metrics.multiprocess else None
     try:
         yield
     finally:
-        heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
+        for task in (heartbeat, sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await node.broker.close()
         await node.ownership.source.close()
