@@ -20,6 +20,7 @@ ENV_PREFIX = "REALTIME_"
 DEFAULT_OWNERSHIP_QUERY = "SELECT user_id FROM diagnoses WHERE id = %(diagnosis_id)s"
 LIST_FIELDS = frozenset({"jwt_algorithms", "allowed_origins", "allowed_hosts", "trusted_proxies"})
 OPTIONAL_FIELDS = frozenset({"database_url", "redis_url", "jwt_secret", "jwt_public_key_file", "jwt_audience",
+                             "jwt_previous_secret", "jwt_jwks_file",
                              "public_origin",
                              "jwt_issuer"})
 
@@ -49,6 +50,8 @@ class Settings(BaseModel):
     database_url: SecretStr | None = None
     redis_url: SecretStr | None = None
     jwt_secret: SecretStr | None = None
+    jwt_previous_secret: SecretStr | None = None  # verify only: the secret being rotated out (PROTOCOL 2)
+    jwt_jwks_file: Path | None = None  # JSON Web Key Set; keys chosen by `kid`, re-read on SIGHUP and on change
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_public_key_file: Path | None = None
     jwt_audience: str | None = None
@@ -150,7 +153,7 @@ class Settings(BaseModel):
     def development(self) -> bool:
         return self.env == "development"
 
-    def secret(self, name: Literal["database_url", "redis_url", "jwt_secret"]) -> str | None:
+    def secret(self, name: Literal["database_url", "redis_url", "jwt_secret", "jwt_previous_secret"]) -> str | None:
         """The clear value of a secret setting, for the one place that needs it."""
         value: SecretStr | None = getattr(self, name)
         return None if value is None else value.get_secret_value()
