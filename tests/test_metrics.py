@@ -15,7 +15,8 @@ EXPECTED_FAMILIES = {
     "realtime_build_info", "realtime_connections", "realtime_connection_attempts", "realtime_disconnects",
     "realtime_publishes", "realtime_deliveries", "realtime_fanout_seconds", "realtime_outbox_bytes",
     "realtime_slow_consumer_closes", "realtime_ownership_query_seconds", "realtime_ownership_lookups",
-    "realtime_broker_errors", "realtime_http_requests",
+    "realtime_broker_errors", "realtime_broker_reconnects", "realtime_broker_gap_fills", "realtime_broker_catchups",
+    "realtime_http_requests",
 }
 
 
