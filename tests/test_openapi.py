@@ -22,7 +22,8 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 from realtime_service.web.openapi import build_document
 from tests.fixtures_app import Service, StartService
 
-UNDOCUMENTED = ("/ws/{diagnosis_id}", "/console")  # the WebSocket upgrade, and the console's own pages
+UNDOCUMENTED = ("/ws/{diagnosis_id}", "/console", "/client/")  # the WebSocket upgrade, the console's
+# own pages, and the browser client's files (PROTOCOL 9)
 PROTOCOL_SECTION_4 = {
     ("post", "/ws/broadcast-recommendation-update"), ("post", "/ws/broadcast-effectiveness-update"),
     ("post", "/ws/broadcast-feedback-update"), ("post", "/api/v1/publish"), ("post", "/api/v1/publish/batch"),

@@ -18,6 +18,7 @@ from realtime_service.metrics import Metrics
 from realtime_service.node import Limits, Node
 from realtime_service.settings import ConfigError, Settings
 from realtime_service.web import openapi, ops, rest
+from realtime_service.web.client_assets import setup_client_routes
 from realtime_service.web.http import error_middleware
 from realtime_service.web.state import STATE, AppState
 from realtime_service.web.ws import websocket_handler
@@ -79,6 +80,7 @@ def create_app(settings: Settings, *, ownership_source: OwnershipSource | None =
     app.router.add_get("/metrics", ops.metrics)
     app.router.add_get("/api/openapi.json", openapi.document)
     openapi.setup(app)
+    setup_client_routes(app)
     if settings.console_enabled:
         from realtime_service.web.console import setup_console
 
