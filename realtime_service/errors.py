@@ -19,6 +19,7 @@ class CloseReason(enum.Enum):
     FORBIDDEN = (1008, "forbidden")
     AUTH_TIMEOUT = (1008, "auth_timeout")
     RATE_LIMITED = (1008, "rate_limited")
+    TOO_MANY_CONNECTIONS = (1008, "too_many_connections")
     MESSAGE_TOO_BIG = (1009, "message_too_big")
     INTERNAL_ERROR = (1011, "internal_error")
     SERVICE_RESTART = (1012, "service_restart")
@@ -85,6 +86,18 @@ class BrokerUnavailable(ServiceError):
 
 class ShuttingDown(ServiceError):
     code, status, close = "service_restart", 503, CloseReason.SERVICE_RESTART
+
+
+class TooManyConnections(ServiceError):
+    code, status, close = "too_many_connections", 429, CloseReason.TOO_MANY_CONNECTIONS
+
+
+class BodyTimeout(ServiceError):
+    code, status = "body_timeout", 408
+
+
+class HostNotAllowed(ServiceError):
+    code, status = "host_not_allowed", 403
 
 
 class BadRequest(ServiceError):
