@@ -49,7 +49,9 @@ def build_ownership_source(settings: Settings, metrics: Metrics) -> OwnershipSou
 def build_verifier(settings: Settings) -> TokenVerifier:
     try:
         return TokenVerifier(settings.jwt_algorithms, settings.secret("jwt_secret"), settings.jwt_public_key_file,
-                             settings.jwt_audience, settings.jwt_issuer, settings.jwt_leeway)
+                             settings.jwt_audience, settings.jwt_issuer, settings.jwt_leeway,
+                             previous_secret=settings.secret("jwt_previous_secret"),
+                             jwks_file=settings.jwt_jwks_file)
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
 
