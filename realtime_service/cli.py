@@ -371,6 +371,8 @@ async def run_server(settings: Settings, demo_tokens: dict[str, str] | None = No
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: read REALTIME_JWT_JWKS_FILE again now (key rotation, PROTOCOL 2); no connection is touched.
+    loop.add_signal_handler(signal.SIGHUP, app[STATE].node.verifier.reload_keys)
     await stop.wait()
     deadline = loop.time() + settings.shutdown_grace
     node = app[STATE].node
