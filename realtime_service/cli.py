@@ -13,13 +13,13 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jwt
 
-from realtime_service.logs import RedactingAccessLogger, configure_logging
+from realtime_service.logs import configure_logging
 from realtime_service.settings import ConfigError, Loaded, Settings, load
 
 if TYPE_CHECKING:
@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=formatter)
     _add_config(serve)
     _add_listen_address(serve, "0.0.0.0")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="worker processes sharing the port, one per core (REALTIME_WORKERS; default 1); more "
+                            "than 1 needs REALTIME_REDIS_URL")
     dev = sub.add_parser("dev", help="run everything locally: embedded PostgreSQL, demo data, console, tokens",
                          description=_DEV_HELP, epilog=EPILOG, formatter_class=formatter)
     _add_config(dev)
@@ -140,7 +143,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _load(args: argparse.Namespace, env: Mapping[str, str], defaults: dict[str, Any] | None = None) -> Loaded:
-    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
+                 "workers": getattr(args, "workers", None)}
     return load(env, getattr(args, "config", None), defaults=defaults, overrides=overrides)
 
 
@@ -154,14 +158,14 @@ def _warn(loaded: Loaded) -> None:
         log.warning("%s", line)
 
 
-def _bind(loaded: Loaded) -> list[socket.socket]:
+def _bind(loaded: Loaded, reuse_port: bool = False) -> list[socket.socket]:
     """Bind before anything is printed or started: a busy port is the first and only thing the user sees."""
     from realtime_service.listening import BindError, bind_sockets
 
     settings = loaded.settings
     try:
         return bind_sockets(settings.host, settings.port, host_from=loaded.where("host"),
-                            port_from=loaded.where("port"))
+                            port_from=loaded.where("port"), reuse_port=reuse_port)
     except BindError as exc:
         raise StartupError(str(exc)) from None
 
@@ -246,8 +250,15 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     configure_logging(settings.log_level)
     _warn(loaded)
     _check_settings(loaded)
-    sockets = _bind(loaded)
+    workers = settings.workers > 1
+    if workers:  # PROTOCOL 5.4: a supervisor and N worker processes on one port
+        from realtime_service.supervisor import check_workers, supervise
+
+        check_workers(loaded)
+    sockets = _bind(loaded, reuse_port=workers)
     _check_replica(loaded)
+    if workers:
+        return supervise(settings, sockets, env)
     return run_loop(run_server(settings, sockets=sockets))
 
 
@@ -345,18 +356,23 @@ def _secret(value: str) -> Any:
 
 
 async def run_server(settings: Settings, demo_tokens: dict[str, str] | None = None,
-                     sockets: Sequence[socket.socket] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT, then drain (PROTOCOL 8) and return the exit code."""
+                     sockets: Sequence[socket.socket] | None = None,
+                     announce: Callable[[list[str]], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain (PROTOCOL 8) and return the exit code.
+
+    `announce`, given by a worker of `serve --workers`, takes the addresses instead of the "listening" line: the
+    supervisor logs that once, when every worker listens.
+    """
     from aiohttp import web
 
     from realtime_service.web.app import create_app
+    from realtime_service.web.edge import EdgeRunner
     from realtime_service.web.state import STATE
 
     app = create_app(settings)
     if demo_tokens:
         app[STATE].demo_tokens = demo_tokens
-    runner = web.AppRunner(app, handle_signals=False, access_log_class=RedactingAccessLogger,
-                           shutdown_timeout=2.0)
+    runner = EdgeRunner(app)  # keep-alive and head/body deadlines, quiet client faults, redacted access log
     await runner.setup()
     sites: list[web.BaseSite] = [web.SockSite(runner, sock, backlog=4096) for sock in sockets or ()]
     if not sites:
@@ -365,8 +381,11 @@ async def run_server(settings: Settings, demo_tokens: dict[str, str] | None = No
         await site.start()
     # The addresses actually bound: with --port 0 the kernel's choice, not 0.
     addresses = [f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}" for a in runner.addresses]
-    log.info("listening on %s (env %s, broker %s)", ", ".join(addresses), settings.env,
-             "redis" if settings.redis_url else "memory", extra={"port": runner.addresses[0][1]})
+    if announce is not None:
+        announce(addresses)
+    else:
+        log.info("listening on %s (env %s, broker %s)", ", ".join(addresses), settings.env,
+                 "redis" if settings.redis_url else "memory", extra={"port": runner.addresses[0][1]})
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import orjson
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import BaseRequest, RequestPayloadError, StreamResponse
 
 from realtime_service.protocol.frames import utc_now
 
@@ -66,3 +69,81 @@ class RedactingAccessLogger(AbstractAccessLogger):
             extra={"method": request.method, "path": redact(str(request.rel_url)), "status": response.status,
                    "duration_ms": round(time * 1000, 2), "remote": request.remote or ""},
         )
+
+
+class Repeats:
+    """At most `burst` lines per kind in any `window` seconds, so no client can fill the logs with one mistake.
+
+    The first line let through after some were held back says how many (`suppressed`), so nothing is hidden
+    from an operator, only folded. Kinds are a fixed vocabulary (error classes), so the table stays small.
+    """
+
+    MAX_KINDS = 256
+
+    def __init__(self, burst: int = 5, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.window = window
+        self._clock = clock
+        self._kinds: dict[str, list[float]] = {}  # kind -> [window start, lines in window, held back]
+
+    def admit(self, kind: str) -> int | None:
+        """None: hold this line back. Otherwise the number of lines of this kind held back since the last one."""
+        now = self._clock()
+        state = self._kinds.get(kind)
+        if state is None or now - state[0] >= self.window:
+            held = int(state[2]) if state is not None else 0
+            if state is None and len(self._kinds) >= self.MAX_KINDS:
+                self._kinds.clear()
+            self._kinds[kind] = [now, 1, 0]
+            return held
+        if state[1] < self.burst:
+            state[1] += 1
+            held, state[2] = int(state[2]), 0
+            return held
+        state[2] += 1
+        return None
+
+    def info(self, logger: logging.Logger, kind: str, msg: str, *args: Any, **extra: Any) -> None:
+        """Log one INFO line of this kind, unless too many went out lately."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        held = self.admit(kind)
+        if held is None:
+            return
+        if held:
+            extra["suppressed"] = held
+        logger.info(msg, *args, extra={"kind": kind, **extra})
+
+
+CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError, TimeoutError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", "") or exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:200]
+
+
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger handed to aiohttp's HTTP server (`logger=`): what a client did wrong is not a server error.
+
+    aiohttp logs a malformed request (a line over 8,190 bytes, a bad header, Content-Length with
+    Transfer-Encoding) and a client that hung up as ERROR with a traceback. Those become one INFO line without a
+    traceback, rate-limited per kind by `Repeats`; anything else (a real bug) is passed on unchanged.
+    """
+
+    def __init__(self, logger: logging.Logger, repeats: Repeats) -> None:
+        super().__init__(logger, {})
+        self.repeats = repeats
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return msg, kwargs
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc_info = kwargs.get("exc_info")
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1] if exc_info is True else None
+        if level >= logging.WARNING and isinstance(exc, CLIENT_FAULTS):
+            peer = args[0] if args and isinstance(args[0], str) else None
+            self.repeats.info(self.logger, type(exc).__name__, "refused a malformed or broken HTTP request: %s",
+                              _first_line(exc), error=type(exc).__name__, remote=peer or "")
+            return
+        self.logger.log(level, msg, *args, **kwargs)

@@ -28,7 +28,7 @@ FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
 QUERY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 CLOSE_REASONS = tuple(reason.reason for reason in CloseReason if reason.reason)
-ATTEMPT_OUTCOMES = ("accepted", "origin_refused", "closed", *CLOSE_REASONS)
+ATTEMPT_OUTCOMES = ("accepted", "origin_refused", "connect_rate_limited", "node_full", "closed", *CLOSE_REASONS)
 DISCONNECT_REASONS = ("normal", "client", *CLOSE_REASONS)  # "client": the peer closed or vanished
 PUBLISH_KINDS = ("broadcast", "personal")
 LOOKUP_RESULTS = ("hit", "shared", "miss")

@@ -14,6 +14,7 @@ from realtime_service.auth.replica import PostgresOwnership
 from realtime_service.auth.tokens import TokenVerifier
 from realtime_service.broker.base import Broker
 from realtime_service.broker.memory import MemoryBroker
+from realtime_service.limits import ConnectionCounter
 from realtime_service.metrics import Metrics
 from realtime_service.node import Limits, Node
 from realtime_service.settings import ConfigError, Settings
@@ -30,10 +31,29 @@ ID = r"{diagnosis_id:[1-9][0-9]{0,18}}"  # bigint; larger values are refused by 
 
 def build_broker(settings: Settings, metrics: Metrics) -> Broker:
     """Memory by default; Redis only when configured (imported only then)."""
-    if settings.redis_url is not None:
-        raise ConfigError("REALTIME_REDIS_URL is set but this build has no Redis broker yet")
-    return MemoryBroker(settings.history_size, settings.history_ttl, settings.personal_inbox_size,
-                        settings.idempotency_ttl)
+    redis_url = settings.secret("redis_url")
+    if redis_url is None:
+        return MemoryBroker(settings.history_size, settings.history_ttl, settings.personal_inbox_size,
+                            settings.idempotency_ttl, history_max_bytes=settings.history_max_bytes)
+    from realtime_service.broker.redis import RedisBroker
+
+    def events(event: str, detail: str) -> None:
+        if event == "error":
+            metrics.broker_errors.labels(detail).inc()
+        elif event == "reconnect":
+            metrics.broker_reconnects.inc()
+        elif event == "gap_fill":
+            metrics.broker_gap_fills.inc()
+        elif event == "catchup":
+            metrics.broker_catchups.inc()
+
+    try:
+        return RedisBroker(redis_url, prefix=settings.redis_prefix, history_size=settings.history_size,
+                           history_max_bytes=settings.history_max_bytes, history_ttl=settings.history_ttl,
+                           inbox_size=settings.personal_inbox_size, idempotency_ttl=settings.idempotency_ttl,
+                           timeout=settings.redis_timeout, events=events)
+    except ValueError as exc:  # redis-py's answer to a URL it cannot use; never echo the URL (it may hold a password)
+        raise ConfigError(f"REALTIME_REDIS_URL cannot be used: {str(exc).split(':')[0]}") from None
 
 
 def build_ownership_source(settings: Settings, metrics: Metrics) -> OwnershipSource:
@@ -57,16 +77,18 @@ def build_verifier(settings: Settings) -> TokenVerifier:
 
 
 def create_app(settings: Settings, *, ownership_source: OwnershipSource | None = None,
-               broker: Broker | None = None) -> web.Application:
-    """Build one service app. Tests pass their own source or broker at the seams."""
+               broker: Broker | None = None, connection_counter: ConnectionCounter | None = None
+               ) -> web.Application:
+    """Build one service app. Tests pass their own source or broker at the seams; a cluster passes a counter
+    of every user's connections over all nodes (REALTIME_MAX_CONNECTIONS_PER_USER), else it is counted here."""
     metrics = Metrics()
     source = ownership_source or build_ownership_source(settings, metrics)
     ownership = OwnershipChecker(source, settings.ownership_cache_ttl,
                                  on_lookup=lambda result: metrics.ownership_lookups.labels(result).inc())
     node = Node(broker or build_broker(settings, metrics), ownership, build_verifier(settings), metrics,
-                Limits(settings.outbox_max_bytes, settings.outbox_max_messages))
+                Limits(settings.outbox_max_bytes, settings.outbox_max_messages, settings.history_max_bytes))
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
-    app[STATE] = AppState(settings=settings, node=node, metrics=metrics)
+    app[STATE] = AppState(settings=settings, node=node, metrics=metrics, connection_counter=connection_counter)
     app.router.add_get(f"/ws/{ID}", websocket_handler)
     app.router.add_post("/ws/broadcast-recommendation-update", rest.broadcast_recommendation)
     app.router.add_post("/ws/broadcast-effectiveness-update", rest.broadcast_effectiveness)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -13,14 +15,17 @@ from pydantic import BaseModel, ValidationError
 from realtime_service.auth.tokens import Principal
 from realtime_service.errors import (
     BadRequest,
+    BodyTimeout,
     BodyTooLarge,
     Forbidden,
+    HostNotAllowed,
     NotFound,
     ServiceError,
     Unauthorized,
     ValidationFailed,
 )
 from realtime_service.protocol.models import field_errors
+from realtime_service.web.hosts import host_allowed
 from realtime_service.web.state import STATE
 
 log = logging.getLogger("realtime.http")
@@ -115,18 +120,93 @@ async def read_model(request: web.Request, model: type[M]) -> M:
         raise ValidationFailed("invalid body: " + ", ".join(sorted(fields)), fields) from None
 
 
+BODY_POLL = 1.0  # seconds between looks at a slow body's progress
+
+
+async def read_body(request: web.Request, silence: float, deadline: float) -> None:
+    """Read the whole body now, so the handler finds it buffered: it must keep coming (no pause longer than
+    `silence`) and be complete within `deadline` seconds, else 408 (nginx's client_body_timeout, plus a cap).
+
+    A body that came with its head (nearly every request of the main API) costs no task and no timer.
+    """
+    content = request.content
+    if content.is_eof():
+        await request.read()
+        return
+    loop = asyncio.get_running_loop()
+    reading = asyncio.ensure_future(request.read())
+    started = last_change = loop.time()
+    seen = content.total_bytes
+    try:
+        while True:
+            now = loop.time()
+            due = min(last_change + silence, started + deadline)
+            if now >= due:
+                raise BodyTimeout(f"the request body stopped arriving (no data for {silence:g} s, or not complete "
+                                  f"within {deadline:g} s)")
+            await asyncio.wait({reading}, timeout=min(BODY_POLL, due - now))
+            if reading.done():
+                reading.result()
+                return
+            if content.total_bytes != seen:
+                seen, last_change = content.total_bytes, loop.time()
+    finally:
+        if not reading.done():
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reading
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error becomes the JSON envelope of PROTOCOL 4; unexpected ones are logged, never echoed."""
+    """Every error becomes the JSON envelope of PROTOCOL 4; unexpected ones are logged, never echoed.
+
+    A client's own fault (a body cut short, a hang-up, a body too slow) is a 4xx and one rate-limited INFO line,
+    never an ERROR with a traceback: anyone can cause those.
+    """
+    state = request.app[STATE]
+    edge = state.edge
+    if edge.served is not None:
+        edge.served(request.protocol)
     try:
+        if not host_allowed(request, state.settings, edge.known_hosts):
+            raise HostNotAllowed(f"this server does not answer for Host {request.host!r} in development; add it "
+                                 "to REALTIME_ALLOWED_HOSTS if it is yours")
+        if request.body_exists:
+            settings = state.settings
+            await read_body(request, settings.http_body_timeout, settings.http_body_deadline)
         response = await handler(request)
     except ServiceError as exc:
         response = json_response(exc.body(), exc.status)
+        if isinstance(exc, BodyTimeout):
+            state.repeats.info(log, "body_timeout", "closed a request whose body stopped arriving",
+                               method=request.method, path=request.rel_url.path, remote=request.remote or "")
+            response.force_close()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
         response = json_error(exc.status, code, exc.reason)
+        if exc.status == 413:
+            response.force_close()  # the rest of the body is not worth reading
+    except web.RequestPayloadError as exc:
+        state.repeats.info(log, "bad_body", "refused a malformed request body: %s", exc, method=request.method,
+                           path=request.rel_url.path, remote=request.remote or "")
+        response = json_error(400, "bad_request", "the request body is malformed")
+        response.force_close()
+    except ConnectionError:
+        if not _client_gone(request):
+            log.exception("unhandled error in %s %s", request.method, request.rel_url.path)
+            response = json_error(500, "internal_error", "internal error")
+        else:
+            state.repeats.info(log, "client_gone", "the client hung up before its request was answered",
+                               method=request.method, path=request.rel_url.path, remote=request.remote or "")
+            response = json_error(499, "client_closed_request", "the client closed the connection")
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.rel_url.path)
         response = json_error(500, "internal_error", "internal error")
@@ -134,5 +214,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # the route's pattern, never the raw path: ids must not become label values
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
-        request.app[STATE].metrics.http_requests.labels(name, f"{response.status // 100}xx").inc()
+        state.metrics.http_requests.labels(name, f"{response.status // 100}xx").inc()
     return response

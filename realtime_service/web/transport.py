@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ log = logging.getLogger("realtime.ws")
 
 FLUSH_BEFORE_CLOSE = 2.0  # seconds a closing connection may take to write what is already queued
 CLOSE_HANDSHAKE = 2.0
+SILENT_PEER_CLOSE = 0.2  # a peer dropped by the heartbeat answers nothing: send the close frame, wait no longer
 ABORT_AFTER = 5.0  # seconds a closed connection may keep unsent bytes
 
 
@@ -97,6 +99,14 @@ class WebSocketTransport:
             if reason is CloseReason.SLOW_CONSUMER:
                 self.metrics.slow_consumers.inc()
             self._done.set_result(reason)
+
+    @property
+    def outcome(self) -> str:
+        """How it ended, as the disconnects metric labels it: the close reason, `normal`, or `client`."""
+        if not self._done.done():
+            return "open"
+        reason = self._done.result()
+        return "client" if reason is None else reason.reason or "normal"
 
     def peer_gone(self) -> None:
         """The reader saw the client close or vanish."""
@@ -196,11 +206,22 @@ class WebSocketTransport:
                 conn.written_offset = offset
 
     # -- closing -----------------------------------------------------------------------------------------
-    async def run_until_closed(self, reader: asyncio.Task[None] | None) -> None:
-        """Wait for a close request or the peer's departure, then close in order and free everything."""
+    async def run_until_closed(self, reader: asyncio.Task[None] | None,
+                               release: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Wait for a close request or the peer's departure, then close in order and free everything.
+
+        `release` runs as soon as the close is decided, before the flush and the close handshake, so the core
+        stops counting the connection at once (a heartbeat drop must not wait for a handshake that never comes).
+        """
         reason = await self._done
         conn = self.conn
-        if reason is not None and reason is not CloseReason.SLOW_CONSUMER and conn is not None:
+        if release is not None:
+            try:
+                await release()
+            except Exception:
+                log.exception("releasing a closed connection failed")
+        silent = reason is CloseReason.HEARTBEAT_TIMEOUT
+        if reason is not None and reason is not CloseReason.SLOW_CONSUMER and not silent and conn is not None:
             self.flush()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), FLUSH_BEFORE_CLOSE)
@@ -215,7 +236,7 @@ class WebSocketTransport:
         try:
             if reason is not None:
                 await asyncio.wait_for(self.ws.close(code=reason.code, message=reason.reason.encode()),
-                                       CLOSE_HANDSHAKE)
+                                       SILENT_PEER_CLOSE if silent else CLOSE_HANDSHAKE)
             else:
                 await asyncio.wait_for(self.ws.close(), CLOSE_HANDSHAKE)
         except (TimeoutError, ConnectionError, RuntimeError):

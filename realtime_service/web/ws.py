@@ -9,16 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import socket
 import time
 import uuid
 from collections.abc import Callable
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_websocket import WebSocketError
 
 from realtime_service.auth.tokens import Principal
 from realtime_service.connection import Connection
-from realtime_service.errors import CloseReason, ServiceError, ShuttingDown
+from realtime_service.errors import CloseReason, ServiceError, ShuttingDown, TooManyConnections
+from realtime_service.limits import client_address, rate_key
 from realtime_service.node import Node
 from realtime_service.outbox import Outbox
 from realtime_service.protocol import frames
@@ -33,17 +37,21 @@ from realtime_service.protocol.session import (
     Session,
     parse_resume,
 )
+from realtime_service.web.hosts import console_origin_allowed
 from realtime_service.web.http import diagnosis_id_of, json_error, request_token
 from realtime_service.web.state import STATE, AppState
 from realtime_service.web.transport import CLOSE_HANDSHAKE, WebSocketTransport
 
 log = logging.getLogger("realtime.ws")
+audit = logging.getLogger("realtime.audit")
 
 SEND_BUFFER_BYTES = 256 * 1024
+NODE_FULL_RETRY = (5, 15)  # seconds a client is told to wait when this node is full, spread to avoid a herd
 
 
 def origin_allowed(request: web.Request, state: AppState) -> bool:
-    """Browsers send Origin; it must be listed, or be the console's own origin when the console is on."""
+    """Browsers send Origin; it must be listed, or be the console's own origin when the console is on (PROTOCOL
+    3.9). The console's origin is the configured public origin, never taken from the request's Host alone."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True
@@ -51,9 +59,12 @@ def origin_allowed(request: web.Request, state: AppState) -> bool:
     if origin in allowed or origin.lower() in {o.lower() for o in allowed}:
         return True
     if state.settings.console_enabled:
-        own = f"{request.scheme}://{request.host}".lower()
-        return origin.lower() == own
+        return console_origin_allowed(origin, request, state.settings, state.edge.known_hosts)
     return False
+
+
+def _is_too_big(msg: object) -> bool:
+    return isinstance(msg, WebSocketError) and msg.code == WSCloseCode.MESSAGE_TOO_BIG
 
 
 def _merge_resume(query: ResumeRequest, frame: ResumeRequest, given: frozenset[str]) -> ResumeRequest:
@@ -96,8 +107,10 @@ async def _first_frame(ws: web.WebSocketResponse, session: Session, timeout: flo
             continue
         if msg.type is WSMsgType.PONG:
             continue
+        if msg.type is WSMsgType.ERROR and _is_too_big(msg.data):
+            return CloseReason.MESSAGE_TOO_BIG  # aiohttp already sent the 1009
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            return CloseReason.NORMAL  # closed or errored (1009 was already sent by aiohttp)
+            return CloseReason.NORMAL  # closed or errored
         action = session.receive(msg.data, msg.type is WSMsgType.BINARY, loop.time())
         if isinstance(action, Authenticate):
             return action
@@ -106,15 +119,41 @@ async def _first_frame(ws: web.WebSocketResponse, session: Session, timeout: flo
         return CloseReason.INVALID_TOKEN
 
 
+def _retry_after(status: int, code: str, message: str, seconds: int) -> web.Response:
+    response = json_error(status, code, message)
+    response.headers["Retry-After"] = str(seconds)
+    return response
+
+
+def _refused(user_id: int | None, diagnosis_id: int, device: str, address: str, reason: CloseReason) -> None:
+    """An authenticated user refused: worth an audit line (who tried to see which record)."""
+    if user_id is not None and reason in (CloseReason.FORBIDDEN, CloseReason.DIAGNOSIS_NOT_FOUND,
+                                          CloseReason.TOO_MANY_CONNECTIONS):
+        audit.info("connection refused", extra={"event": "ws_refused", "user_id": user_id,
+                                                "diagnosis_id": diagnosis_id, "device": device, "client": address,
+                                                "close_reason": reason.reason, "close_code": reason.code})
+
+
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    settings, node, metrics = state.settings, state.node, state.metrics
+    settings, node, metrics, edge = state.settings, state.node, state.metrics, state.edge
     diagnosis_id = diagnosis_id_of(request)
+    loop = asyncio.get_running_loop()
+    address = client_address(request.remote, request.headers.getall("X-Forwarded-For", ()), edge.trusted_proxies)
+    wait = edge.connect_rate.allow(rate_key(address), loop.time()) if edge.connect_rate.enabled else 0.0
+    if wait:  # before any token or replica work (PROTOCOL 3.11)
+        metrics.connection_attempts.labels("connect_rate_limited").inc()
+        return _retry_after(429, "connect_rate_limited", "too many connection attempts from this address",
+                            max(1, math.ceil(wait)))
     if not origin_allowed(request, state):
         metrics.connection_attempts.labels("origin_refused").inc()
         return json_error(403, "origin_not_allowed", "this Origin may not open WebSocket connections")
     if node.draining:
         return json_error(503, ShuttingDown.code, "the service is restarting; reconnect to another node")
+    if settings.max_connections and edge.websockets >= settings.max_connections:
+        metrics.connection_attempts.labels("node_full").inc()
+        return _retry_after(503, "node_full", "this node holds as many connections as it may; retry later",
+                            random.randint(*NODE_FULL_RETRY))
     token = request_token(request, allow_query=True)
     resume = parse_resume(request.query.get("since"), request.query.get("epoch"), request.query.get("device"))
     if isinstance(resume, str):
@@ -122,54 +161,90 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 
     ws = web.WebSocketResponse(autoping=False, heartbeat=None, max_msg_size=settings.max_frame_bytes,
                                compress=settings.ws_compression, timeout=CLOSE_HANDSHAKE)
-    await ws.prepare(request)
-    _bound_kernel_buffer(request)
-    loop = asyncio.get_running_loop()
-    session = Session(settings.rate_limit, settings.rate_burst, loop.time(), authenticated_by_request=bool(token))
+    edge.websockets += 1
+    session_id = str(uuid.uuid4())
+    counted: int | None = None  # the user whose per-user slot this connection holds
     try:
-        if not token:
-            first = await _first_frame(ws, session, settings.auth_timeout)
-            if isinstance(first, CloseReason):
-                metrics.connection_attempts.labels(first.reason or "closed").inc()
-                if first is not CloseReason.NORMAL:
-                    await _close(ws, first)
-                return ws
-            token, resume = first.token, _merge_resume(resume, first.resume, first.given)
-            session.opened()
-        principal = node.verify(token)
-        admitted_in = await node.admit(principal, diagnosis_id)
-    except ServiceError as exc:
-        metrics.connection_attempts.labels(exc.close.reason).inc()
-        await _close(ws, exc.close)
+        await ws.prepare(request)
+        _bound_kernel_buffer(request)
+        session = Session(settings.rate_limit, settings.rate_burst, loop.time(),
+                          authenticated_by_request=bool(token))
+        principal: Principal | None = None
+        try:
+            if not token:
+                first = await _first_frame(ws, session, settings.auth_timeout)
+                if isinstance(first, CloseReason):
+                    metrics.connection_attempts.labels(first.reason or "closed").inc()
+                    if first not in (CloseReason.NORMAL, CloseReason.MESSAGE_TOO_BIG):
+                        await _close(ws, first)
+                    return ws
+                token, resume = first.token, _merge_resume(resume, first.resume, first.given)
+                session.opened()
+            principal = node.verify(token)
+            if settings.max_connections_per_user and principal.user_id is not None:
+                if not await edge.counter.acquire(principal.user_id, session_id, settings.max_connections_per_user):
+                    raise TooManyConnections(f"at most {settings.max_connections_per_user} connections per user")
+                counted = principal.user_id
+            admitted_in = await node.admit(principal, diagnosis_id)
+        except ServiceError as exc:
+            metrics.connection_attempts.labels(exc.close.reason).inc()
+            _refused(principal.user_id if principal else None, diagnosis_id, resume.device, address, exc.close)
+            await _close(ws, exc.close)
+            return ws
+        except Exception:  # the upgrade is done: answer with a close code, never an HTTP 500 on the socket
+            log.exception("admitting a connection failed")
+            metrics.connection_attempts.labels(CloseReason.INTERNAL_ERROR.reason).inc()
+            await _close(ws, CloseReason.INTERNAL_ERROR)
+            return ws
+        metrics.connection_attempts.labels("accepted").inc()
+        await _serve(ws, request, state, session, principal, diagnosis_id, resume, admitted_in, session_id, address)
         return ws
-    except Exception:  # the upgrade is done: answer with a close code, never an HTTP 500 on the socket
-        log.exception("admitting a connection failed")
-        metrics.connection_attempts.labels(CloseReason.INTERNAL_ERROR.reason).inc()
-        await _close(ws, CloseReason.INTERNAL_ERROR)
-        return ws
-    metrics.connection_attempts.labels("accepted").inc()
-    await _serve(ws, request, state, session, principal, diagnosis_id, resume, admitted_in)
-    return ws
+    finally:
+        edge.websockets -= 1
+        if counted is not None:
+            await edge.counter.release(counted, session_id)
 
 
 async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppState, session: Session,
-                 principal: Principal, diagnosis_id: int, resume: ResumeRequest, admitted_in: int) -> None:
+                 principal: Principal, diagnosis_id: int, resume: ResumeRequest, admitted_in: int, session_id: str,
+                 address: str) -> None:
     """The live part of a connection: attach, read until closed, detach."""
-    settings, node = state.settings, state.node
+    settings, node, edge = state.settings, state.node, state.edge
     loop = asyncio.get_running_loop()
     transport = WebSocketTransport(ws, request, state.metrics, state.flusher, direct=not settings.ws_compression)
     assert principal.user_id is not None
-    conn = Connection(str(uuid.uuid4()), diagnosis_id, principal.user_id, resume.device,
+    conn = Connection(session_id, diagnosis_id, principal.user_id, resume.device,
                       Outbox(settings.outbox_max_bytes, settings.outbox_max_messages), transport,
                       principal.expires_at)
     transport.start(conn)
     leeway = node.verifier.leeway
+    opened_at: float | None = None
+    released = False
 
     def expire() -> asyncio.TimerHandle:
         return loop.call_at(loop.time() + max(0.0, conn.expires_at + leeway - time.time()), conn.close,
                             CloseReason.TOKEN_EXPIRED)
 
     timer = expire()
+
+    async def release() -> None:
+        """Leave the hub, presence, the counts and the per-user limit as soon as the connection is closed, before
+        the close handshake: a client dropped by the heartbeat is gone, whatever its socket still does."""
+        nonlocal released
+        if released:
+            return
+        released = True
+        timer.cancel()
+        session.closed()
+        if conn.close_reason is None:
+            conn.close(CloseReason.NORMAL)
+        try:
+            await node.detach(conn)
+        finally:
+            if settings.max_connections_per_user:
+                await edge.counter.release(conn.user_id, session_id)
+            if opened_at is not None:
+                _audit_closed(conn, address, transport.outcome, loop.time() - opened_at)
 
     async def read_loop() -> None:
         nonlocal timer
@@ -196,6 +271,9 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
                     await _pong(conn, node, msg.data)
                 elif kind is WSMsgType.PING:
                     await ws.pong(msg.data)
+                elif kind is WSMsgType.ERROR and _is_too_big(msg.data):
+                    conn.close(CloseReason.MESSAGE_TOO_BIG)  # aiohttp already sent the 1009
+                    return
                 else:
                     break
         except ServiceError as exc:
@@ -210,6 +288,9 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
     reader: asyncio.Task[None] | None = None
     try:
         await node.attach(conn, resume, admitted_in)
+        if conn.close_reason is None:
+            opened_at = loop.time()
+            _audit_opened(conn, address)
         reader = asyncio.create_task(read_loop())
     except ServiceError as exc:
         conn.close(exc.close)
@@ -217,13 +298,24 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
         log.exception("attach failed")
         conn.close(CloseReason.INTERNAL_ERROR)
     try:
-        await transport.run_until_closed(reader)
+        await transport.run_until_closed(reader, release)
     finally:
-        timer.cancel()
-        session.closed()
-        if conn.close_reason is None:
-            conn.close(CloseReason.NORMAL)
-        await node.detach(conn)
+        await release()
+
+
+def _audit_opened(conn: Connection, address: str) -> None:
+    """Who watches which record, from where: one line per connection opened (never a token)."""
+    audit.info("connection opened", extra={"event": "ws_open", "user_id": conn.user_id,
+                                           "diagnosis_id": conn.diagnosis_id, "device": conn.device,
+                                           "client": address, "session": conn.session})
+
+
+def _audit_closed(conn: Connection, address: str, reason: str, duration: float) -> None:
+    code = conn.close_reason.code if conn.close_reason is not None and reason != "client" else None
+    audit.info("connection closed", extra={"event": "ws_close", "user_id": conn.user_id,
+                                           "diagnosis_id": conn.diagnosis_id, "device": conn.device,
+                                           "client": address, "session": conn.session, "close_reason": reason,
+                                           "close_code": code, "duration_s": round(duration, 3)})
 
 
 def _refresh(conn: Connection, principal: Principal, token: str, verify: Callable[[str], Principal]) -> bool:
