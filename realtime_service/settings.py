@@ -46,6 +46,7 @@ class Settings(BaseModel):
 
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=256)  # `serve --workers`: processes sharing the port (PROTOCOL 5.4)
     env: Literal["production", "development"] = "production"
     database_url: SecretStr | None = None
     redis_url: SecretStr | None = None
