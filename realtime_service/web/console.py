@@ -18,6 +18,7 @@ import jinja2
 from aiohttp import web
 
 from realtime_service.errors import ServiceError
+from realtime_service.web.hosts import console_origin_allowed
 from realtime_service.web.state import STATE
 
 COOKIE = "rt_console"
@@ -72,12 +73,18 @@ def _same_origin(request: web.Request) -> bool:
 
     Browsers say where a request comes from (Sec-Fetch-Site, else Origin); a client that says neither is no
     browser, so no other site can be behind it.
+
+    A page on a DNS-rebinding domain is "same-origin" with us as far as the browser knows, so an Origin must also
+    be the console's own as configuration names it (web.hosts), never merely equal to the request's Host.
     """
     site = request.headers.get("Sec-Fetch-Site")
-    if site is not None:
-        return site in ("same-origin", "none")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
     origin = request.headers.get("Origin")
-    return origin is None or origin.lower() == f"{request.scheme}://{request.host}".lower()
+    if origin is None:
+        return True
+    state = request.app[STATE]
+    return console_origin_allowed(origin, request, state.settings, state.edge.known_hosts)
 
 
 def _https(request: web.Request) -> bool:
@@ -126,7 +133,8 @@ async def console_page(request: web.Request) -> web.StreamResponse:
 async def console_sign_in(request: web.Request) -> web.StreamResponse:
     """Trade a service token (form field `token`) for a session cookie; redirect back to the console."""
     if not _same_origin(request):
-        return _protect(web.Response(status=403, text="cross-site sign-in refused"))
+        return _protect(web.Response(status=403, text="cross-site sign-in refused (behind a proxy, set "
+                                                  "REALTIME_PUBLIC_ORIGIN to the console's origin)"))
     form = await request.post()
     token = form.get("token")
     if not isinstance(token, str) or not token.strip() or not _bearer_is_service(request, token):
