@@ -63,6 +63,15 @@ def origin_allowed(request: web.Request, state: AppState) -> bool:
     return False
 
 
+class _Response(web.WebSocketResponse):
+    """aiohttp closes an oversized message 1009 itself, with an empty reason; give it the table's word."""
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == CloseReason.MESSAGE_TOO_BIG.code and not message:
+            message = CloseReason.MESSAGE_TOO_BIG.reason.encode()
+        return await super().close(code=code, message=message, drain=drain)
+
+
 def _is_too_big(msg: object) -> bool:
     return isinstance(msg, WebSocketError) and msg.code == WSCloseCode.MESSAGE_TOO_BIG
 
@@ -159,8 +168,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if isinstance(resume, str):
         return json_error(400, "bad_resume", resume)
 
-    ws = web.WebSocketResponse(autoping=False, heartbeat=None, max_msg_size=settings.max_frame_bytes,
-                               compress=settings.ws_compression, timeout=CLOSE_HANDSHAKE)
+    ws = _Response(autoping=False, heartbeat=None, max_msg_size=settings.max_frame_bytes,
+                   compress=settings.ws_compression, timeout=CLOSE_HANDSHAKE)
     edge.websockets += 1
     session_id = str(uuid.uuid4())
     counted: int | None = None  # the user whose per-user slot this connection holds
