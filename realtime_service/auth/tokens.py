@@ -129,11 +129,11 @@ class TokenVerifier:
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
+        if previous_secret and not secret:
+            raise ValueError("REALTIME_JWT_PREVIOUS_SECRET is set without REALTIME_JWT_SECRET")
         if any(a in HMAC_ALGORITHMS for a in algorithms) and not secret and self._jwks is None:
             raise ValueError("an HMAC algorithm is allowed but neither REALTIME_JWT_SECRET nor "
                              "REALTIME_JWT_JWKS_FILE is set")
-        if previous_secret and not secret:
-            raise ValueError("REALTIME_JWT_PREVIOUS_SECRET is set without REALTIME_JWT_SECRET")
         if any(a not in HMAC_ALGORITHMS for a in algorithms) and not self._public_key and self._jwks is None:
             raise ValueError("a public-key algorithm is allowed but neither REALTIME_JWT_PUBLIC_KEY_FILE nor "
                              "REALTIME_JWT_JWKS_FILE is set")
