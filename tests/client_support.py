@@ -64,12 +64,17 @@ class RestartableService:
         node = self.app[STATE].node
         if drain:
             await node.drain(0)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + WAIT
-            while node.hub.count and loop.time() < deadline:
-                await asyncio.sleep(0.02)
+            await asyncio.wait_for(self._drained(node), WAIT)
         await self.server.close()
         self.server = self.app = None
+
+    @staticmethod
+    async def _drained(node: Any) -> None:
+        """Every connection closed (the node offers no event for it; this polls, bounded by the caller)."""
+        for _ in range(int(WAIT / 0.02)):
+            if not node.hub.count:
+                return
+            await asyncio.sleep(0.02)
 
     async def restart(self, keep_history: bool) -> None:
         await self.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from realtime_service.client import (
     TokenExpired,
     Unauthorized,
     ValidationFailed,
+    policy,
     subscribe,
 )
 from tests.client_support import LosingProxy, RestartableService, free_port
@@ -231,7 +233,9 @@ async def test_token_about_to_expire_is_refreshed_in_band(start_service: StartSe
     follower = follow(followers, ws_base(service), did, token)
     await follower.wait(lambda f: f.lives() == 1, "live")
     await follower.wait(lambda f: len(issued) == 2, "the refresh", timeout=6)
-    await asyncio.sleep(3.5)  # well past the first token's exp (leeway 0): the connection would be closed
+    first_exp = policy.token_expiry(issued[0])
+    assert first_exp is not None and time.time() < first_exp
+    await asyncio.sleep(max(0.0, first_exp + 1.0 - time.time()))  # past the first exp (leeway 0)
     await service.publish(did, "after_expiry", {})
     await follower.wait_offsets([1])
     assert [s.state for s in follower.states] == ["connecting", "live"]  # no reconnect
@@ -278,7 +282,7 @@ async def test_publisher_retries_a_lost_answer_and_it_is_broadcast_once(service:
 
 
 async def test_publisher_endpoints_and_typed_errors(service: Service) -> None:
-    uid, did = service.seed.owned()
+    _uid, did = service.seed.owned()
     async with Publisher(service.base_url, service.tokens.service()) as rt:
         rec = await rt.broadcast_recommendation_update(did, {"herb": "mint"}, {"herb": "sage"}, "lab result")
         eff = await rt.broadcast_effectiveness_update(did, 5, 0.8, 0.9, 12, old_effectiveness=0.5, herb="sage")
@@ -292,9 +296,10 @@ async def test_publisher_endpoints_and_typed_errors(service: Service) -> None:
         with pytest.raises(DiagnosisNotFound) as unknown:
             await rt.publish(service.seed.unknown(), "note", {})
         assert unknown.value.status == 404
-        with pytest.raises(IdempotencyKeyReused):
-            await rt.publish(did, "note", {"a": 1}, idempotency_key="k-1")
+        await rt.publish(did, "note", {"a": 1}, idempotency_key="k-1")
+        with pytest.raises(IdempotencyKeyReused) as reused:
             await rt.publish(did, "note", {"a": 2}, idempotency_key="k-1")
+        assert reused.value.status == 422
     async with Publisher(service.base_url, service.tokens.user(service.seed.user())) as stranger:
         with pytest.raises(Forbidden) as forbidden:
             await stranger.publish(did, "note", {})
