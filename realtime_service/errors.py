@@ -37,6 +37,54 @@ class CloseReason(enum.Enum):
         return self.value[1]
 
 
+# What each close means and what a client should do about it. README.md and docs/protocol.md show this table
+# (`python -m realtime_service.errors --markdown` prints it; a test fails when a document and this drift apart).
+CLOSE_ADVICE: dict[str, tuple[str, str]] = {
+    "INVALID_TOKEN": ("bad signature or algorithm; missing, malformed or not yet valid token; a first frame that "
+                      "is not `auth`; a refresh with another `sub`", "stop: do not retry with this token"),
+    "TOKEN_EXPIRED": ("the token expired, at connect or while connected",
+                      "get a fresh token and reconnect (or send a new `auth` frame before `exp`)"),
+    "DIAGNOSIS_NOT_FOUND": ("no such diagnosis", "stop: do not retry"),
+    "FORBIDDEN": ("the user may not watch this diagnosis (or a service token tried to)", "stop: do not retry"),
+    "AUTH_TIMEOUT": ("no `auth` frame within `REALTIME_AUTH_TIMEOUT`", "send `auth` as the first frame, at once"),
+    "RATE_LIMITED": ("the client sent more frames than `REALTIME_RATE_LIMIT`/`REALTIME_RATE_BURST` allow",
+                     "send less; reconnect with backoff"),
+    "TOO_MANY_CONNECTIONS": ("the user already holds `REALTIME_MAX_CONNECTIONS_PER_USER` connections",
+                             "close another connection first; retry with backoff"),
+    "MESSAGE_TOO_BIG": ("a frame over `REALTIME_MAX_FRAME_BYTES`", "do not send that frame again; reconnect"),
+    "INTERNAL_ERROR": ("a bug in the service", "reconnect with backoff and resume"),
+    "SERVICE_RESTART": ("the node is shutting down (a deploy) or lost its broker's history",
+                        "reconnect at once (another node answers) and resume"),
+    "OWNERSHIP_UNAVAILABLE": ("the read replica did not answer in time", "reconnect with backoff and resume"),
+    "BROKER_UNAVAILABLE": ("the broker (Redis) did not answer", "reconnect with backoff and resume"),
+    "SLOW_CONSUMER": ("the client did not read fast enough and its buffer filled", "reconnect and resume"),
+    "HEARTBEAT_TIMEOUT": ("no PONG to the previous PING", "reconnect and resume"),
+    "NORMAL": ("a normal close, answering the client's own", "nothing"),
+}
+
+
+def close_code_table() -> str:
+    """The close codes as a Markdown table, from CloseReason and CLOSE_ADVICE."""
+    lines = ["| code | reason | when | the client should |", "| --- | --- | --- | --- |"]
+    for member in CloseReason:
+        when, action = CLOSE_ADVICE[member.name]
+        reason = f"`{member.reason}`" if member.reason else "(empty)"
+        lines.append(f"| {member.code} | {reason} | {when} | {action} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m realtime_service.errors --markdown` prints the close-code table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m realtime_service.errors",
+                                     description="Print the WebSocket close codes the service sends.")
+    parser.add_argument("--markdown", action="store_true", help="as a Markdown table (the only format)")
+    parser.parse_args(argv)
+    print(close_code_table(), end="")
+    return 0
+
+
 class ServiceError(Exception):
     """Base error: a machine code, an HTTP status and, where it applies, a close reason."""
 
@@ -114,3 +162,7 @@ class BodyTooLarge(ServiceError):
 
 class Unauthorized(ServiceError):
     code, status = "unauthorized", 401
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
