@@ -34,8 +34,8 @@ class Connection:
     """A subscriber of one diagnosis."""
 
     __slots__ = ("awaiting_pong", "close_reason", "device", "diagnosis_id", "epoch", "expires_at", "highest_sent",
-                 "outbox", "pending", "phase", "ping_marks", "ping_seq", "session", "transport", "user_id",
-                 "written_offset")
+                 "outbox", "pending", "phase", "ping_marks", "ping_seq", "session", "subscribed", "transport",
+                 "user_id", "written_offset")
 
     def __init__(self, session: str, diagnosis_id: int, user_id: int, device: str, outbox: Outbox,
                  transport: Transport, expires_at: float) -> None:
@@ -55,12 +55,15 @@ class Connection:
         self.ping_marks: dict[int, int] = {}  # ping payload -> written_offset when that ping was written
         self.awaiting_pong = False
         self.close_reason: CloseReason | None = None
+        self.subscribed = False  # holds one reference on the broker's subscription to its diagnosis
 
     def deliver(self, frame: bytes, offset: int | None) -> bool:
         """Hand a live frame over, already WebSocket-framed (`wsframe.text`); False when closed or overflowing."""
         if self.phase is Phase.LIVE:
+            if offset is not None and offset <= self.highest_sent:
+                return True  # already sent (in the replay, or by a catch-up that overlapped it): never twice
             if self.outbox.offer(frame, offset):
-                if offset is not None and offset > self.highest_sent:
+                if offset is not None:
                     self.highest_sent = offset
                 self.transport.wake()
                 return True

@@ -24,6 +24,7 @@ class CloseReason(enum.Enum):
     INTERNAL_ERROR = (1011, "internal_error")
     SERVICE_RESTART = (1012, "service_restart")
     OWNERSHIP_UNAVAILABLE = (1013, "ownership_unavailable")
+    BROKER_UNAVAILABLE = (1013, "broker_unavailable")
     SLOW_CONSUMER = (1013, "slow_consumer")
     HEARTBEAT_TIMEOUT = (1001, "heartbeat_timeout")
     NORMAL = (1000, "")
@@ -129,7 +130,7 @@ class OwnershipUnavailable(ServiceError):
 
 
 class BrokerUnavailable(ServiceError):
-    code, status, close = "broker_unavailable", 503, CloseReason.INTERNAL_ERROR
+    code, status, close = "broker_unavailable", 503, CloseReason.BROKER_UNAVAILABLE
 
 
 class ShuttingDown(ServiceError):
@@ -146,6 +147,10 @@ class BodyTimeout(ServiceError):
 
 class HostNotAllowed(ServiceError):
     code, status = "host_not_allowed", 403
+
+
+class IdempotencyKeyReused(ServiceError):
+    code, status = "idempotency_key_reused", 422
 
 
 class BadRequest(ServiceError):

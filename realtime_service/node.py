@@ -8,10 +8,12 @@ so a publish racing a reconnect is neither lost nor sent twice (PROTOCOL 3.7).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +23,17 @@ from realtime_service.auth.ownership import OwnershipChecker
 from realtime_service.auth.tokens import Principal, TokenVerifier
 from realtime_service.broker.base import Broker, Publication
 from realtime_service.connection import Connection, Phase
-from realtime_service.errors import CloseReason, Forbidden, OwnershipUnavailable, ShuttingDown, ValidationFailed
+from realtime_service.errors import (
+    BodyTooLarge,
+    BrokerUnavailable,
+    CloseReason,
+    Forbidden,
+    IdempotencyKeyReused,
+    OwnershipUnavailable,
+    ServiceError,
+    ShuttingDown,
+    ValidationFailed,
+)
 from realtime_service.hub import Hub
 from realtime_service.metrics import Metrics
 from realtime_service.protocol import frames
@@ -31,6 +43,9 @@ from realtime_service.protocol.session import ResumeRequest
 log = logging.getLogger("realtime.node")
 
 DRAIN_TICK = 0.05
+IDEMPOTENCY_LEASE = 15.0  # seconds a reservation survives a node that died while publishing
+IDEMPOTENCY_POLL = 0.02  # seconds between looks at a key another node is publishing
+POSITION_OVERHEAD = 64  # bytes `with_position` may add to a body: offset and epoch
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +54,18 @@ class Limits:
 
     outbox_max_bytes: int
     outbox_max_messages: int
+    history_max_bytes: int = 1 << 20
 
 
 def _retrieve(future: asyncio.Future[bytes]) -> None:
     # Every caller may have gone; the failure was theirs to see, not the event loop's to log.
     if not future.cancelled():
         future.exception()
+
+
+def _reused() -> IdempotencyKeyReused:
+    return IdempotencyKeyReused("this Idempotency-Key was used with another body; use a new key for a new message",
+                                {"Idempotency-Key": "reused with a different body"})
 
 
 def iso(ts: float) -> str:
@@ -64,11 +85,12 @@ class Node:
         self.hub = Hub()
         self.draining = False
         self._delivered: dict[tuple[int, int], int] = {}
-        self._idempotency_inflight: dict[tuple[str, str], asyncio.Future[bytes]] = {}
+        self._idempotency_inflight: dict[tuple[str, str], tuple[str, asyncio.Future[bytes]]] = {}
         self._inflight_publishes = 0
         self._publishes_done = asyncio.Event()
         self._publishes_done.set()
         broker.set_handler(self._on_publication)
+        broker.set_lost_handler(self._on_lost)
         metrics.track_outbox_bytes(self._outbox_bytes)
 
     # -- fan-out -------------------------------------------------------------------------------
@@ -81,6 +103,13 @@ class Node:
             self._delivered.clear()
         self.metrics.deliveries.inc(count)
         self.metrics.fanout_seconds.observe(time.perf_counter() - started)
+
+    def _on_lost(self, diagnosis_id: int, epoch: str | None) -> None:
+        """The broker could not keep this diagnosis's live history whole: its clients reconnect and resume, and
+        learn from `recovered` what is gone (PROTOCOL 5.3). Connections already in the new epoch stay."""
+        for conn in self.hub.connections(diagnosis_id):
+            if epoch is None or conn.epoch != epoch:
+                conn.close(CloseReason.SERVICE_RESTART)
 
     def _outbox_bytes(self) -> float:
         return float(sum(conn.outbox.bytes for conn in self.hub.all()))
@@ -103,9 +132,10 @@ class Node:
         diagnosis_id, user_id = conn.diagnosis_id, conn.user_id
         if self.draining:  # admitted while the drain started (auth frame or replica still pending)
             raise ShuttingDown("the service is restarting; reconnect to another node")
-        if self.hub.add(conn):
-            await self.broker.subscribe(diagnosis_id)
+        self.hub.add(conn)
         self.metrics.connections.set(self.hub.count)
+        conn.subscribed = True  # one reference per connection: the broker subscribes on the first
+        await self.broker.subscribe(diagnosis_id)
         # A revoke that ran while this connection was being admitted could not see it (not yet registered):
         # check again, now that any later revoke will.
         if (admitted_in is not None and admitted_in != self.ownership.generation
@@ -143,19 +173,25 @@ class Node:
         conn.go_live(first, position.offset)
 
     async def detach(self, conn: Connection) -> None:
-        if self.hub.remove(conn):
+        self.hub.remove(conn)
+        self.metrics.connections.set(self.hub.count)
+        if conn.subscribed:
+            conn.subscribed = False
             try:
                 await self.broker.unsubscribe(conn.diagnosis_id)
             except Exception:  # the broker logs and counts its own failures
                 log.warning("unsubscribe failed for a diagnosis", exc_info=True)
-        self.metrics.connections.set(self.hub.count)
 
     async def confirm(self, conn: Connection, offset: int) -> None:
         """The client has everything up to `offset` (ack, or a PONG after those frames were written)."""
         offset = min(offset, conn.highest_sent)
         if offset <= 0 or not conn.epoch:
             return
-        await self.broker.confirm(conn.diagnosis_id, conn.user_id, conn.device, offset, conn.epoch)
+        try:
+            await self.broker.confirm(conn.diagnosis_id, conn.user_id, conn.device, offset, conn.epoch)
+        except BrokerUnavailable:
+            # The connection stays open (PROTOCOL 5.3); the cursor moves with the next confirmation instead.
+            log.debug("cursor not moved: the broker is unavailable")
 
     def heartbeat_tick(self) -> None:
         """Drop connections that did not answer the previous PING; PING the rest (PROTOCOL 3.6)."""
@@ -199,34 +235,63 @@ class Node:
             self.metrics.deliveries.inc(delivered)
             return PublishResult(diagnosis_id=diagnosis_id, offset=None, epoch=position.epoch, delivered=delivered)
         body_bytes = frames.broadcast_body(body.frame_type(), diagnosis_id, body.frame_data())
+        if len(body_bytes) + POSITION_OVERHEAD > self.limits.history_max_bytes:
+            # History could not hold it, so a client that reconnects would miss it: refuse rather than lose it.
+            raise BodyTooLarge(f"the message is larger than the history may hold ({self.limits.history_max_bytes} "
+                               "bytes, REALTIME_HISTORY_MAX_BYTES)", {"data": "too large to be kept in history"})
         publication = await self.broker.publish(diagnosis_id, body_bytes, body.exclude_session)
         delivered_count = self._delivered.pop((diagnosis_id, publication.offset), None)
         self.metrics.publishes.labels("broadcast").inc()
         return PublishResult(diagnosis_id=diagnosis_id, offset=publication.offset, epoch=publication.epoch,
                              delivered=delivered_count)
 
-    async def idempotent(self, scope: str, key: str | None, produce: Callable[[], Awaitable[bytes]]) -> bytes:
-        """Run `produce` once per (scope, key) within the TTL; repeats get the first answer (PROTOCOL 4).
+    async def idempotent(self, scope: str, key: str | None, fingerprint: str,
+                         produce: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Run `produce` once per (scope, key) within the TTL, over every node; repeats get the first answer, and
+        a repeat with another body is refused (PROTOCOL 4, 5.2).
 
         The work runs in a task of its own: a caller that disconnects half-way neither leaves a batch half
         published nor fails a retry that is waiting on the same key.
         """
         if key is None:
             return await asyncio.shield(asyncio.ensure_future(produce()))
-        stored = await self.broker.idempotent_result(scope, key)
-        if stored is not None:
-            return stored
-        pending = self._idempotency_inflight.get((scope, key))
-        if pending is None:
-            pending = asyncio.ensure_future(self._produce_once(scope, key, produce))
-            pending.add_done_callback(_retrieve)
-            self._idempotency_inflight[(scope, key)] = pending
+        running = self._idempotency_inflight.get((scope, key))
+        if running is not None:
+            if running[0] != fingerprint:
+                raise _reused()
+            return await asyncio.shield(running[1])
+        pending = asyncio.ensure_future(self._produce_once(scope, key, fingerprint, produce))
+        pending.add_done_callback(_retrieve)
+        self._idempotency_inflight[(scope, key)] = (fingerprint, pending)
         return await asyncio.shield(pending)
 
-    async def _produce_once(self, scope: str, key: str, produce: Callable[[], Awaitable[bytes]]) -> bytes:
+    async def _produce_once(self, scope: str, key: str, fingerprint: str,
+                            produce: Callable[[], Awaitable[bytes]]) -> bytes:
+        token = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + IDEMPOTENCY_LEASE
         try:
-            result = await produce()
-            await self.broker.store_idempotent_result(scope, key, result)
+            while True:
+                held = await self.broker.reserve_idempotency(scope, key, fingerprint, token, IDEMPOTENCY_LEASE)
+                if held is None:
+                    break
+                if held.fingerprint != fingerprint:
+                    raise _reused()
+                if held.done:
+                    return held.result
+                if loop.time() > give_up:  # another node holds it and neither finishes nor lets go
+                    raise BrokerUnavailable("a publish with this Idempotency-Key is still running; retry later")
+                await asyncio.sleep(IDEMPOTENCY_POLL)
+            try:
+                result = await produce()
+            except BaseException:
+                with contextlib.suppress(ServiceError):
+                    await self.broker.release_idempotency(scope, key, token)
+                raise
+            try:
+                await self.broker.complete_idempotency(scope, key, token, result)
+            except BrokerUnavailable:
+                log.warning("a published answer could not be stored under its Idempotency-Key")
             return result
         finally:
             self._idempotency_inflight.pop((scope, key), None)

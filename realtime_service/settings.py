@@ -50,6 +50,8 @@ class Settings(BaseModel):
     env: Literal["production", "development"] = "production"
     database_url: SecretStr | None = None
     redis_url: SecretStr | None = None
+    redis_prefix: str = Field("rt", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    redis_timeout: float = Field(2, gt=0, le=60)
     jwt_secret: SecretStr | None = None
     jwt_previous_secret: SecretStr | None = None  # verify only: the secret being rotated out (PROTOCOL 2)
     jwt_jwks_file: Path | None = None  # JSON Web Key Set; keys chosen by `kid`, re-read on SIGHUP and on change
@@ -61,6 +63,7 @@ class Settings(BaseModel):
     heartbeat: float = Field(30, gt=0)
     history_size: int = Field(100, ge=1)
     history_ttl: float = Field(86400, gt=0)
+    history_max_bytes: int = Field(1048576, ge=1024)
     ownership_query: str = DEFAULT_OWNERSHIP_QUERY
     ownership_cache_ttl: float = Field(5, ge=0)
     console_enabled: bool = False

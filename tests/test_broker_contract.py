@@ -1,14 +1,16 @@
 """The Broker contract (broker/base.py), one suite for every implementation.
 
 Each implementation is registered in BROKERS as a factory that builds a BrokerHarness: the broker under test, a way
-to move its clock (so retention by age needs no sleeping), and a way to "restart" it. The Redis broker (a later
-issue) adds one factory to that list; every test below then runs against it unchanged.
+to move its clock (so retention by age needs no sleeping), and a way to "restart" it. The memory broker runs
+in-process; the Redis broker runs against a real redis-server (the session's `redis_url`), each test under a key
+prefix of its own, with the broker's clock (the one its retention decisions read) moved by the test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -16,12 +18,14 @@ import pytest
 
 from realtime_service.broker.base import Broker, Publication
 from realtime_service.broker.memory import MemoryBroker
+from realtime_service.broker.redis import RedisBroker
 from realtime_service.protocol import frames
 
 HISTORY_SIZE = 5
 HISTORY_TTL = 60.0
 INBOX_SIZE = 3
 IDEMPOTENCY_TTL = 600.0
+HISTORY_MAX_BYTES = 4096
 DID = 101
 OTHER_DID = 202
 
@@ -55,12 +59,12 @@ class BrokerHarness:
     received: list[Publication] = field(default_factory=list)
 
 
-async def memory_harness() -> BrokerHarness:
+async def memory_harness(request: pytest.FixtureRequest) -> BrokerHarness:
     clock = FakeClock()
 
     def build() -> MemoryBroker:
         return MemoryBroker(HISTORY_SIZE, HISTORY_TTL, INBOX_SIZE, IDEMPOTENCY_TTL, clock=clock.monotonic,
-                            wall=clock.wall)
+                            wall=clock.wall, history_max_bytes=HISTORY_MAX_BYTES)
 
     async def advance(seconds: float) -> None:
         clock.advance(seconds)
@@ -73,14 +77,34 @@ async def memory_harness() -> BrokerHarness:
     return BrokerHarness(build(), advance, restart, restart_loses_history=True)
 
 
-# Add ("redis", redis_harness) here when RedisBroker exists; the harness may take real time in `advance` (short
-# TTLs) and should flush its keys between tests.
-BROKERS: list[tuple[str, Callable[[], Awaitable[BrokerHarness]]]] = [("memory", memory_harness)]
+async def redis_harness(request: pytest.FixtureRequest) -> BrokerHarness:
+    url = request.getfixturevalue("redis_url")
+    clock = FakeClock()
+    prefix = f"contract-{uuid.uuid4().hex[:8]}"
+
+    def build() -> RedisBroker:
+        return RedisBroker(url, prefix=prefix, history_size=HISTORY_SIZE, history_max_bytes=HISTORY_MAX_BYTES,
+                           history_ttl=HISTORY_TTL, inbox_size=INBOX_SIZE, idempotency_ttl=IDEMPOTENCY_TTL,
+                           timeout=2.0, clock=clock.wall)
+
+    async def advance(seconds: float) -> None:
+        clock.advance(seconds)
+
+    async def restart() -> Broker:
+        fresh = build()
+        await fresh.start()
+        return fresh
+
+    return BrokerHarness(build(), advance, restart, restart_loses_history=False)
+
+
+BROKERS: list[tuple[str, Callable[[pytest.FixtureRequest], Awaitable[BrokerHarness]]]] = [
+    ("memory", memory_harness), ("redis", redis_harness)]
 
 
 @pytest.fixture(params=[factory for _name, factory in BROKERS], ids=[name for name, _factory in BROKERS])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[BrokerHarness]:
-    built: BrokerHarness = await request.param()
+    built: BrokerHarness = await request.param(request)
     built.broker.set_handler(built.received.append)
     await built.broker.start()
     try:
@@ -330,23 +354,64 @@ async def test_personal_messages_expire_with_history_ttl(harness: BrokerHarness)
 # -- idempotency ------------------------------------------------------------------------------------------------
 
 
-async def test_idempotent_result_is_stored_per_caller_and_key(broker: Broker) -> None:
-    assert await broker.idempotent_result("service:main-api", "k1") is None
-    await broker.store_idempotent_result("service:main-api", "k1", b'{"offset":1}')
-    assert await broker.idempotent_result("service:main-api", "k1") == b'{"offset":1}'
-    assert await broker.idempotent_result("service:other", "k1") is None
-    assert await broker.idempotent_result("service:main-api", "k2") is None
+async def test_idempotency_key_is_reserved_once_then_answers_with_the_stored_result(broker: Broker) -> None:
+    assert await broker.reserve_idempotency("service:main-api", "k1", "fp", "owner-1", 15.0) is None
+    pending = await broker.reserve_idempotency("service:main-api", "k1", "fp", "owner-2", 15.0)
+    assert pending is not None
+    assert (pending.done, pending.fingerprint) == (False, "fp")
+    await broker.complete_idempotency("service:main-api", "k1", "owner-1", b'{"offset":1}')
+    done = await broker.reserve_idempotency("service:main-api", "k1", "fp", "owner-3", 15.0)
+    assert done is not None
+    assert (done.done, done.fingerprint, done.result) == (True, "fp", b'{"offset":1}')
+    assert await broker.reserve_idempotency("service:other", "k1", "fp", "owner-4", 15.0) is None
+    assert await broker.reserve_idempotency("service:main-api", "k2", "fp", "owner-5", 15.0) is None
+
+
+async def test_concurrent_reservations_of_one_key_admit_exactly_one(broker: Broker) -> None:
+    answers = await asyncio.gather(*(broker.reserve_idempotency("service:a", "same", "fp", f"owner-{i}", 15.0)
+                                     for i in range(20)))
+    assert sum(answer is None for answer in answers) == 1
+
+
+async def test_a_released_reservation_lets_a_retry_publish(broker: Broker) -> None:
+    assert await broker.reserve_idempotency("service:a", "k", "fp", "first", 15.0) is None
+    await broker.release_idempotency("service:a", "k", "someone-else")  # not theirs: ignored
+    assert await broker.reserve_idempotency("service:a", "k", "fp", "second", 15.0) is not None
+    await broker.release_idempotency("service:a", "k", "first")
+    assert await broker.reserve_idempotency("service:a", "k", "fp", "second", 15.0) is None
+
+
+async def test_a_pending_reservation_lapses_after_its_lease(harness: BrokerHarness) -> None:
+    broker = harness.broker
+    assert await broker.reserve_idempotency("service:a", "k", "fp", "dead-node", 15.0) is None
+    await harness.advance(16)
+    assert await broker.reserve_idempotency("service:a", "k", "fp", "retry", 15.0) is None
 
 
 async def test_idempotent_result_lives_for_the_ttl(harness: BrokerHarness) -> None:
     broker = harness.broker
-    await broker.store_idempotent_result("service:a", "k", b"first")
+    assert await broker.reserve_idempotency("service:a", "k", "fp", "owner", 15.0) is None
+    await broker.complete_idempotency("service:a", "k", "owner", b"first")
     await harness.advance(IDEMPOTENCY_TTL - 1)
-    await broker.store_idempotent_result("service:a", "later", b"later")
-    assert await broker.idempotent_result("service:a", "k") == b"first"
+    held = await broker.reserve_idempotency("service:a", "k", "fp", "again", 15.0)
+    assert held is not None
+    assert held.result == b"first"
     await harness.advance(2)
-    assert await broker.idempotent_result("service:a", "k") is None
-    assert await broker.idempotent_result("service:a", "later") == b"later"
+    assert await broker.reserve_idempotency("service:a", "k", "fp", "later", 15.0) is None
+
+
+# -- history bounded in bytes ----------------------------------------------------------------------------------
+
+
+async def test_history_is_bounded_in_bytes_oldest_first(broker: Broker) -> None:
+    big = frames.broadcast_body("test_event", DID, {"pad": "x" * 1500})
+    pubs = [await broker.publish(DID, big) for _ in range(4)]
+    history = await broker.history(DID, 0)
+    kept = [p.offset for p in history.publications]
+    assert kept == [3, 4]  # two frames of ~1.6 KB fit in 4 KB, three do not
+    assert sum(len(p.frame) for p in history.publications) <= HISTORY_MAX_BYTES
+    assert history.oldest == 3
+    assert [p.frame for p in history.publications] == [p.frame for p in pubs[2:]]
 
 
 async def test_memory_sweep_frees_expired_history_and_inboxes_without_losing_the_position() -> None:

@@ -243,7 +243,10 @@ async def test_repeated_key_answers_the_first_result_and_broadcasts_nothing(serv
     assert first[0] == 200
     assert first[1]["offset"] == 1
     assert repeat == first
-    assert changed == first
+    # the same key with another body is a caller's bug, not a retry: refused, and nothing published (PROTOCOL 4)
+    assert changed[0] == 422, changed
+    assert changed[1]["error"]["code"] == "idempotency_key_reused"
+    assert "Idempotency-Key" in changed[1]["error"]["fields"]
     await barrier(service, did, client, 2)
     assert client.offsets() == [1, 2]
     await client.close()

@@ -46,7 +46,19 @@ class Cursor:
     confirmed_at: float  # unix time
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """An Idempotency-Key already taken: by a publish still running somewhere, or with its stored answer."""
+
+    done: bool
+    fingerprint: str
+    result: bytes  # empty while pending
+
+
 PublicationHandler = Callable[[Publication], None]
+# (diagnosis id, the epoch now current, or None for every connection): live history was interrupted
+LostHandler = Callable[[int, str | None], None]
+ControlHandler = Callable[[bytes], None]
 
 
 class Broker(Protocol):
@@ -59,12 +71,29 @@ class Broker(Protocol):
     - History keeps the newest `history_size` publications for at most `history_ttl` seconds.
     - The epoch of a diagnosis changes exactly when its history is lost; offsets then start again at 1.
     - Cursors only move forward within an epoch.
+    - History keeps at most `history_max_bytes` of encoded frames per diagnosis (oldest evicted first).
     - Personal messages wait in a bounded inbox per (diagnosis, user) for at most `history_ttl`, and are taken
       once.
+    - The handler of a subscribed diagnosis never sees offset N+1 before N, nor one offset twice. When that can
+      no longer be kept (history lost, or a gap it cannot fill), the lost-handler is told instead, so the node
+      closes that diagnosis's connections for a resume.
+    - `subscribe` returns only once publications of the diagnosis reach the handler: every publish that starts
+      after it returns is delivered (the connect seam reads history after it).
+    - `publish` returns after its publication went to this node's handler, when this node is subscribed.
+    - An Idempotency-Key is reserved atomically: of two callers, exactly one gets to publish.
     """
 
     def set_handler(self, handler: PublicationHandler) -> None:
         """Where publications for subscribed diagnoses go (called synchronously, in offset order)."""
+
+    def set_lost_handler(self, handler: LostHandler) -> None:
+        """Told when a subscribed diagnosis's live history was interrupted (new epoch, or an unfillable gap)."""
+
+    def set_control_handler(self, handler: ControlHandler) -> None:
+        """Where control messages of other nodes go (revoke)."""
+
+    async def publish_control(self, message: bytes) -> None:
+        """Send a control message to every other node (no-op on one node)."""
 
     async def start(self) -> None: ...
 
@@ -79,7 +108,10 @@ class Broker(Protocol):
     async def unsubscribe(self, diagnosis_id: int) -> None: ...
 
     async def publish(self, diagnosis_id: int, body: bytes, exclude_session: str | None = None) -> Publication:
-        """Give `body` (an encoded frame without position) the next offset; store and deliver it."""
+        """Give `body` (an encoded frame without position) the next offset; store and deliver it.
+
+        Raises BrokerUnavailable when the broker does not answer in time; nothing is published then.
+        """
 
     async def position(self, diagnosis_id: int) -> StreamPosition:
         """The newest offset and epoch; creates the stream (and its epoch) on first use."""
@@ -109,7 +141,16 @@ class Broker(Protocol):
     async def take_personal(self, diagnosis_id: int, user_id: int) -> list[bytes]:
         """The kept personal messages, oldest first; they are removed (delivered once)."""
 
-    async def idempotent_result(self, scope: str, key: str) -> bytes | None:
-        """The stored answer of an earlier publish with this key by this caller, if within the TTL."""
+    async def reserve_idempotency(self, scope: str, key: str, fingerprint: str, token: str,
+                                  lease: float) -> IdempotencyRecord | None:
+        """Take the key for `token` (None), or say who has it: a pending publish or a stored answer.
 
-    async def store_idempotent_result(self, scope: str, key: str, result: bytes) -> None: ...
+        A pending reservation lapses after `lease` seconds, so a node that died while publishing does not hold
+        the key for the whole TTL.
+        """
+
+    async def complete_idempotency(self, scope: str, key: str, token: str, result: bytes) -> None:
+        """Store the answer of the publish that holds the reservation; kept for the idempotency TTL."""
+
+    async def release_idempotency(self, scope: str, key: str, token: str) -> None:
+        """Give the key back after the publish failed (nothing was published), so a retry may run."""

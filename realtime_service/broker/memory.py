@@ -10,7 +10,16 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from realtime_service.broker.base import Cursor, History, Publication, PublicationHandler, StreamPosition
+from realtime_service.broker.base import (
+    ControlHandler,
+    Cursor,
+    History,
+    IdempotencyRecord,
+    LostHandler,
+    Publication,
+    PublicationHandler,
+    StreamPosition,
+)
 from realtime_service.protocol.frames import with_position
 
 
@@ -18,7 +27,16 @@ from realtime_service.protocol.frames import with_position
 class _Stream:
     epoch: str
     offset: int = 0
+    bytes: int = 0
     entries: deque[tuple[float, Publication]] = field(default_factory=deque)
+
+
+@dataclass(slots=True)
+class _Reservation:
+    expires: float
+    fingerprint: str
+    token: str
+    result: bytes | None = None
 
 
 SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired history and inboxes
@@ -34,8 +52,10 @@ class MemoryBroker:
     """Broker for a single node. Nothing here awaits, so publish is atomic per diagnosis by construction."""
 
     def __init__(self, history_size: int, history_ttl: float, inbox_size: int, idempotency_ttl: float,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 history_max_bytes: int = 1 << 20) -> None:
         self._history_size = history_size
+        self._history_max_bytes = history_max_bytes
         self._history_ttl = history_ttl
         self._inbox_size = inbox_size
         self._idempotency_ttl = idempotency_ttl
@@ -44,13 +64,22 @@ class MemoryBroker:
         self._streams: dict[int, _Stream] = {}
         self._cursors: dict[int, dict[tuple[int, str], Cursor]] = {}
         self._inboxes: dict[tuple[int, int], deque[tuple[float, bytes]]] = {}
-        self._idempotency: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
+        self._idempotency: OrderedDict[tuple[str, str], _Reservation] = OrderedDict()
         self._handler: PublicationHandler = lambda publication: None
         self._retained = 0
         self._sweeper: asyncio.Task[None] | None = None
 
     def set_handler(self, handler: PublicationHandler) -> None:
         self._handler = handler
+
+    def set_lost_handler(self, handler: LostHandler) -> None:
+        return None  # one process: history is never interrupted while it runs
+
+    def set_control_handler(self, handler: ControlHandler) -> None:
+        return None
+
+    async def publish_control(self, message: bytes) -> None:
+        return None  # no other node to tell
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever())
@@ -95,8 +124,9 @@ class MemoryBroker:
     def _trim(self, stream: _Stream) -> None:
         entries = stream.entries
         horizon = self._clock() - self._history_ttl
-        while entries and (len(entries) > self._history_size or entries[0][0] <= horizon):
-            entries.popleft()
+        while entries and (len(entries) > self._history_size or stream.bytes > self._history_max_bytes
+                           or entries[0][0] <= horizon):
+            stream.bytes -= len(entries.popleft()[1].frame)
             self._retained -= 1
 
     async def publish(self, diagnosis_id: int, body: bytes, exclude_session: str | None = None) -> Publication:
@@ -105,6 +135,7 @@ class MemoryBroker:
         publication = Publication(diagnosis_id, stream.offset, stream.epoch,
                                   with_position(body, stream.offset, stream.epoch), exclude_session)
         stream.entries.append((self._clock(), publication))
+        stream.bytes += len(publication.frame)
         self._retained += 1
         self._trim(stream)
         self._handler(publication)
@@ -169,18 +200,32 @@ class MemoryBroker:
     def _expire_idempotency(self) -> None:
         now = self._clock()
         while self._idempotency:
-            _key, (expires, _result) = next(iter(self._idempotency.items()))
-            if expires > now:
+            record = next(iter(self._idempotency.values()))
+            if record.expires > now:
                 break
             self._idempotency.popitem(last=False)
 
-    async def idempotent_result(self, scope: str, key: str) -> bytes | None:
+    async def reserve_idempotency(self, scope: str, key: str, fingerprint: str, token: str,
+                                  lease: float) -> IdempotencyRecord | None:
         self._expire_idempotency()
-        hit = self._idempotency.get((scope, key))
-        return None if hit is None else hit[1]
-
-    async def store_idempotent_result(self, scope: str, key: str, result: bytes) -> None:
-        self._expire_idempotency()
+        held = self._idempotency.get((scope, key))
+        if held is not None and held.expires > self._clock():
+            return IdempotencyRecord(held.result is not None, held.fingerprint, held.result or b"")
         while len(self._idempotency) >= MAX_IDEMPOTENCY_RECORDS:
             self._idempotency.popitem(last=False)
-        self._idempotency[(scope, key)] = (self._clock() + self._idempotency_ttl, result)
+        self._idempotency.pop((scope, key), None)
+        self._idempotency[(scope, key)] = _Reservation(self._clock() + lease, fingerprint, token)
+        return None
+
+    async def complete_idempotency(self, scope: str, key: str, token: str, result: bytes) -> None:
+        held = self._idempotency.get((scope, key))
+        if held is None or held.token != token:
+            return
+        del self._idempotency[(scope, key)]  # re-inserted last: the order stays by expiry
+        held.result, held.expires = result, self._clock() + self._idempotency_ttl
+        self._idempotency[(scope, key)] = held
+
+    async def release_idempotency(self, scope: str, key: str, token: str) -> None:
+        held = self._idempotency.get((scope, key))
+        if held is not None and held.token == token and held.result is None:
+            del self._idempotency[(scope, key)]

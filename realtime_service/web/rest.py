@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import orjson
 from aiohttp import web
+from pydantic import BaseModel
 
 from realtime_service.auth.tokens import Principal
 from realtime_service.errors import ServiceError, ValidationFailed
@@ -46,6 +49,11 @@ def _scope(request: web.Request, principal: Principal) -> str:
     return f"{request.path}|{'service' if principal.is_service else 'user'}:{principal.sub}"
 
 
+def _fingerprint(body: BaseModel) -> str:
+    """What makes two requests "the same publish" for an Idempotency-Key: the validated body, not its spelling."""
+    return hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 async def _publish_one(request: web.Request, model: type[PublishBody]) -> web.Response:
     principal = principal_of(request)
     key = _idempotency_key(request)
@@ -57,7 +65,7 @@ async def _publish_one(request: web.Request, model: type[PublishBody]) -> web.Re
         result = await node.publish(body)
         return orjson.dumps(result.model_dump())
 
-    return raw_json_response(await node.idempotent(_scope(request, principal), key, produce))
+    return raw_json_response(await node.idempotent(_scope(request, principal), key, _fingerprint(body), produce))
 
 
 async def publish(request: web.Request) -> web.Response:
@@ -99,7 +107,7 @@ async def publish_batch(request: web.Request) -> web.Response:
         results = [(await node.publish(message)).model_dump() for message in batch.messages]
         return orjson.dumps({"results": results})
 
-    return raw_json_response(await node.idempotent(_scope(request, principal), key, produce))
+    return raw_json_response(await node.idempotent(_scope(request, principal), key, _fingerprint(batch), produce))
 
 
 async def presence(request: web.Request) -> web.Response:

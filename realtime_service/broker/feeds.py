@@ -1,0 +1,460 @@
+"""Live publications from Redis, kept gapless and in order per diagnosis on this node (PROTOCOL 5.3).
+
+`FeedSet` is the per-diagnosis sequencer: it hands publication N+1 on only after N, drops repeats, fills a gap
+from the stream, and tells the node when it cannot (a new epoch, or history trimmed past the gap).
+`PubSubLink` owns the one pub/sub connection: it reconnects with backoff, resubscribes, and then has every feed
+catch up from its stream, because a message published while the link was down is in the stream, not in pub/sub.
+A subscription counts as made only once Redis confirmed it *and* a baseline position was read after that, so a
+publish that starts after `subscribe` returns is always seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from realtime_service.broker.base import (
+    ControlHandler,
+    History,
+    LostHandler,
+    Publication,
+    PublicationHandler,
+    StreamPosition,
+)
+from realtime_service.errors import BrokerUnavailable
+from realtime_service.protocol.frames import with_position
+
+if TYPE_CHECKING:
+    import redis.asyncio as redis
+
+    from realtime_service.broker.redis import Events, Keys
+
+log = logging.getLogger("realtime.broker")
+
+FillSource = Callable[[int, int], Awaitable[History]]
+PositionSource = Callable[[int], Awaitable[StreamPosition]]
+
+
+class Feed:
+    """One subscribed diagnosis: how far this node has handed it on, and what waits to be."""
+
+    __slots__ = ("baselining", "epoch", "filling", "last", "pending", "ready", "refill", "refs", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.refs = 0
+        self.ready: asyncio.Future[None] = loop.create_future()  # confirmed and baselined
+        self.epoch = ""
+        self.last = 0
+        self.pending: dict[int, Publication] = {}  # arrived early: before the baseline, or after a gap
+        self.filling: asyncio.Task[None] | None = None
+        self.baselining: asyncio.Task[None] | None = None
+        self.refill = False
+        self.waiters: dict[int, list[asyncio.Future[None]]] = {}
+
+
+class FeedSet:
+    """Every diagnosis this node is subscribed to, with reference counts (one per local connection)."""
+
+    def __init__(self, keys: Keys, fill_source: FillSource, position_source: PositionSource, events: Events,
+                 fill_after: float, timeout: float) -> None:
+        self.keys = keys
+        self.feeds: dict[int, Feed] = {}
+        self.on_publication: PublicationHandler = lambda publication: None
+        self.on_lost: LostHandler = lambda diagnosis_id, epoch: None
+        self._fill_source = fill_source
+        self._position_source = position_source
+        self._events = events
+        self._fill_after = fill_after
+        self._timeout = timeout
+
+    # -- membership ----------------------------------------------------------------------------------------
+    def add(self, diagnosis_id: int) -> tuple[Feed, bool]:
+        """One more local connection; True when the diagnosis was not subscribed yet."""
+        feed = self.feeds.get(diagnosis_id)
+        first = feed is None
+        if feed is None:
+            feed = self.feeds[diagnosis_id] = Feed(asyncio.get_running_loop())
+        feed.refs += 1
+        return feed, first
+
+    def remove(self, diagnosis_id: int) -> bool:
+        """One local connection fewer; True when it was the last (the caller unsubscribes)."""
+        feed = self.feeds.get(diagnosis_id)
+        if feed is None:
+            return False
+        feed.refs -= 1
+        if feed.refs > 0:
+            return False
+        del self.feeds[diagnosis_id]
+        self._retire(feed)
+        return True
+
+    def _retire(self, feed: Feed) -> None:
+        for task in (feed.filling, feed.baselining):
+            if task is not None:
+                task.cancel()
+        if not feed.ready.done():
+            feed.ready.set_exception(BrokerUnavailable("unsubscribed before the subscription was made"))
+            feed.ready.exception()  # retrieved: nobody may be waiting any more
+        self._release_waiters(feed, math.inf)
+
+    def close(self) -> None:
+        for feed in self.feeds.values():
+            self._retire(feed)
+        self.feeds.clear()
+
+    # -- arrivals ------------------------------------------------------------------------------------------
+    def confirmed(self, diagnosis_id: int) -> None:
+        """Redis confirmed the subscription (first time, or after a reconnect): baseline or catch up."""
+        feed = self.feeds.get(diagnosis_id)
+        if feed is None:
+            return
+        if not feed.ready.done():
+            if feed.baselining is None:
+                feed.baselining = asyncio.create_task(self._baseline(diagnosis_id, feed))
+        else:
+            self._events("catchup", "")
+            self.fill(diagnosis_id, feed)
+
+    def arrive(self, diagnosis_id: int, offset: int, epoch: str, exclude_session: str | None, body: bytes) -> None:
+        """A publication from pub/sub (called synchronously by the link, in publish order)."""
+        feed = self.feeds.get(diagnosis_id)
+        if feed is None:
+            return
+        publication = Publication(diagnosis_id, offset, epoch, with_position(body, offset, epoch), exclude_session)
+        if not feed.ready.done() or feed.filling is not None:
+            feed.pending[offset] = publication
+            if feed.filling is not None:
+                feed.refill = True
+            return
+        if epoch != feed.epoch:
+            feed.pending[offset] = publication
+            self.fill(diagnosis_id, feed)
+            return
+        if offset <= feed.last:
+            return
+        if offset == feed.last + 1:
+            self._hand(feed, publication)
+            if feed.pending:
+                self._drain(diagnosis_id, feed)
+            return
+        feed.pending[offset] = publication
+        self.fill(diagnosis_id, feed)
+
+    def _hand(self, feed: Feed, publication: Publication) -> None:
+        feed.last = publication.offset
+        try:
+            self.on_publication(publication)
+        finally:
+            if feed.waiters:
+                self._release_waiters(feed, feed.last)
+
+    def _release_waiters(self, feed: Feed, up_to: float) -> None:
+        for offset in [o for o in feed.waiters if o <= up_to]:
+            for waiter in feed.waiters.pop(offset):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _drain(self, diagnosis_id: int, feed: Feed) -> bool:
+        """Hand on what waited in order; True when a gap remains (something newer than last + 1 waits)."""
+        while feed.pending:
+            nxt = min(feed.pending)
+            publication = feed.pending[nxt]
+            if nxt <= feed.last or publication.epoch != feed.epoch:
+                del feed.pending[nxt]
+                continue
+            if nxt != feed.last + 1:
+                return True
+            del feed.pending[nxt]
+            self._hand(feed, publication)
+        return False
+
+    # -- baseline and filling --------------------------------------------------------------------------------
+    async def _baseline(self, diagnosis_id: int, feed: Feed) -> None:
+        try:
+            position = await self._position_source(diagnosis_id)
+        except BrokerUnavailable:
+            feed.baselining = None  # the link's next confirmation tries again; subscribers time out meanwhile
+            return
+        feed.baselining = None
+        if self.feeds.get(diagnosis_id) is not feed:
+            return
+        feed.epoch, feed.last = position.epoch, position.offset
+        if not feed.ready.done():
+            feed.ready.set_result(None)
+        # an arrival from another epoch means history was lost around the subscription: let a fill sort it out
+        mismatch = any(p.epoch != feed.epoch for p in feed.pending.values())
+        if mismatch or (feed.pending and self._drain(diagnosis_id, feed)):
+            self.fill(diagnosis_id, feed)
+
+    def fill(self, diagnosis_id: int, feed: Feed) -> None:
+        """Read the stream from what was handed on last; one fill at a time per diagnosis."""
+        if not feed.ready.done():
+            return
+        if feed.filling is not None:
+            feed.refill = True
+            return
+        feed.filling = asyncio.create_task(self._fill(diagnosis_id, feed))
+
+    async def _fill(self, diagnosis_id: int, feed: Feed) -> None:
+        try:
+            while True:
+                feed.refill = False
+                try:
+                    history = await self._fill_source(diagnosis_id, feed.last)
+                except BrokerUnavailable:
+                    return  # the link reconnects and asks every feed to catch up then
+                if self.feeds.get(diagnosis_id) is not feed:
+                    return
+                position = history.position
+                if position.epoch != feed.epoch:
+                    log.warning("diagnosis %s: the broker's history was lost (new epoch); closing its connections "
+                                "for a resume", diagnosis_id)
+                    self._events("lost", "epoch")
+                    feed.epoch, feed.last = position.epoch, position.offset
+                    self.on_lost(diagnosis_id, position.epoch)
+                    self._release_waiters(feed, math.inf)
+                elif history.oldest > feed.last + 1:
+                    log.warning("diagnosis %s: offsets %d-%d are no longer retained; closing its connections for a "
+                                "resume", diagnosis_id, feed.last + 1, history.oldest - 1)
+                    self._events("lost", "gap")
+                    feed.last = position.offset
+                    self.on_lost(diagnosis_id, None)
+                    self._release_waiters(feed, math.inf)
+                else:
+                    filled = 0
+                    for publication in history.publications:
+                        if publication.offset == feed.last + 1:
+                            feed.pending.pop(publication.offset, None)
+                            self._hand(feed, publication)
+                            filled += 1
+                    if filled:
+                        self._events("gap_fill", "")
+                gap = self._drain(diagnosis_id, feed)
+                if not (gap or feed.refill):
+                    return
+        finally:
+            if feed.filling is asyncio.current_task():
+                feed.filling = None
+
+    async def wait_delivered(self, diagnosis_id: int, offset: int, epoch: str) -> None:
+        """Return once this node handed `offset` on (its own publish), filling from the stream if pub/sub lags."""
+        feed = self.feeds.get(diagnosis_id)
+        if feed is None or not feed.ready.done() or (feed.epoch == epoch and feed.last >= offset):
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        feed.waiters.setdefault(offset, []).append(waiter)
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self._fill_after)
+            except TimeoutError:
+                self.fill(diagnosis_id, feed)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, self._timeout)
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            waiting = feed.waiters.get(offset)
+            if waiting is not None and waiter in waiting:
+                waiting.remove(waiter)
+                if not waiting:
+                    del feed.waiters[offset]
+
+
+class PubSubLink:
+    """The pub/sub connection of this node: subscriptions, the control channel, reconnects and keepalive."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, feeds: FeedSet, events: Events, timeout: float) -> None:
+        self._client = client
+        self._keys = keys
+        self._feeds = feeds
+        self._events = events
+        self._timeout = timeout
+        self._keepalive = max(0.5, timeout)
+        self.on_control: ControlHandler = lambda message: None
+        self._task: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[tuple[str, str]] | None = None  # commands for the current connection
+        self._expect: dict[bytes, deque[bool]] = {}  # channel -> replies still due (True: subscribe)
+        self._channel_prefix = f"{keys.prefix}:ch:".encode()
+        self._control = keys.control().encode()
+        self._last_seen = 0.0
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def subscribe(self, diagnosis_id: int) -> None:
+        feed, first = self._feeds.add(diagnosis_id)
+        if first:
+            self._send("SUBSCRIBE", self._keys.channel(diagnosis_id))
+        if feed.ready.done():
+            feed.ready.result()
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(feed.ready), self._timeout)
+        except TimeoutError:
+            self._events("error", "subscribe")
+            raise BrokerUnavailable("the broker did not confirm the subscription in time") from None
+
+    def unsubscribe(self, diagnosis_id: int) -> None:
+        if self._feeds.remove(diagnosis_id):
+            self._send("UNSUBSCRIBE", self._keys.channel(diagnosis_id))
+
+    def _send(self, command: str, channel: str) -> None:
+        if self._queue is None:
+            return  # not connected: the next connection subscribes to every feed there is then
+        self._expect.setdefault(channel.encode(), deque()).append(command == "SUBSCRIBE")
+        self._queue.put_nowait((command, channel))
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        loop = asyncio.get_running_loop()
+        while True:
+            conn: Any = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            session: asyncio.Task[None] | None = None
+            try:
+                await asyncio.wait_for(conn.connect(), self._timeout)
+                queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+                self._expect.clear()
+                self._queue = queue
+                self._last_seen = loop.time()
+                self._send("SUBSCRIBE", self._keys.control())
+                for diagnosis_id in list(self._feeds.feeds):
+                    self._send("SUBSCRIBE", self._keys.channel(diagnosis_id))
+                session = asyncio.create_task(self._session(conn, queue))
+                backoff = await self._watch(session, backoff)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("broker pub/sub: cannot connect (%s); retrying", type(exc).__name__)
+            finally:
+                self._queue = None
+                self.connected.clear()
+                if session is not None and not session.done():
+                    session.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await session
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+            self._events("reconnect", "")
+            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            backoff = min(backoff * 2, 2.0)
+
+    async def _watch(self, session: asyncio.Task[None], backoff: float) -> float:
+        """Keep the link alive: PING when idle, drop it when Redis stops answering; returns the next backoff."""
+        loop = asyncio.get_running_loop()
+        tick = self._keepalive / 2
+        verify_every = max(1, int(5.0 / tick))
+        ticks = 0
+        while not session.done():
+            done, _ = await asyncio.wait({session}, timeout=tick)
+            if done:
+                break
+            ticks += 1
+            idle = loop.time() - self._last_seen
+            if idle > 3 * self._keepalive:
+                log.warning("broker pub/sub: no answer for %.1fs; reconnecting", idle)
+                session.cancel()
+                break
+            if self.connected.is_set():
+                backoff = 0.05
+            if idle >= self._keepalive and self._queue is not None:
+                self._queue.put_nowait(("PING", ""))
+            if ticks % verify_every == 0:
+                await self._feeds_verify()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await session
+        if session.cancelled() or session.exception() is not None:
+            exc = None if session.cancelled() else session.exception()
+            log.warning("broker pub/sub connection lost (%s); reconnecting",
+                        type(exc).__name__ if exc else "no answer")
+        return backoff
+
+    async def _feeds_verify(self) -> None:
+        """Notice history lost without any publish (a FLUSHALL): compare each served diagnosis's epoch."""
+        feeds = [(d, f) for d, f in self._feeds.feeds.items() if f.ready.done() and f.filling is None]
+        if not feeds:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for diagnosis_id, _feed in feeds:
+                    pipe.hget(self._keys.meta(diagnosis_id), "e")
+                epochs = await asyncio.wait_for(pipe.execute(), self._timeout)
+        except (RedisError, OSError, TimeoutError):
+            return
+        for (diagnosis_id, feed), epoch in zip(feeds, epochs, strict=True):
+            if epoch is None or epoch.decode() != feed.epoch:
+                self._feeds.fill(diagnosis_id, feed)
+
+    async def _session(self, conn: Any, queue: asyncio.Queue[tuple[str, str]]) -> None:
+        writer = asyncio.create_task(self._write(conn, queue))
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                reply = await conn.read_response(timeout=math.inf, push_request=True)
+                self._last_seen = loop.time()
+                if writer.done():
+                    writer.result()
+                kind = reply[0]
+                if kind == b"message":
+                    self._dispatch(reply[1], reply[2])
+                elif kind in (b"subscribe", b"unsubscribe"):
+                    self._confirm(reply[1], kind == b"subscribe")
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+
+    async def _write(self, conn: Any, queue: asyncio.Queue[tuple[str, str]]) -> None:
+        while True:
+            command, channel = await queue.get()
+            if command == "PING":
+                await conn.send_command("PING")
+            else:
+                await conn.send_command(command, channel)
+
+    def _confirm(self, channel: bytes, subscribed: bool) -> None:
+        due = self._expect.get(channel)
+        if due:
+            due.popleft()
+            if due:
+                return  # a later (un)subscribe of the same channel is still on its way: wait for it
+            del self._expect[channel]
+        if not subscribed:
+            return
+        if channel == self._control:
+            self.connected.set()
+            return
+        if channel.startswith(self._channel_prefix):
+            self._feeds.confirmed(int(channel[len(self._channel_prefix):]))
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        if channel == self._control:
+            try:
+                self.on_control(data)
+            except Exception:
+                log.exception("a control message could not be handled")
+            return
+        if not channel.startswith(self._channel_prefix):
+            return
+        try:
+            offset, epoch, exclude, body = data.split(b"\n", 3)
+            diagnosis_id = int(channel[len(self._channel_prefix):])
+            self._feeds.arrive(diagnosis_id, int(offset), epoch.decode(), exclude.decode() or None, body)
+        except ValueError:
+            log.warning("broker pub/sub: a malformed message on %r was dropped", channel)

@@ -1,0 +1,320 @@
+"""The Redis broker (PROTOCOL 5): many nodes share offsets, history, cursors, inboxes and idempotency records.
+
+Every step that must be atomic is one Lua script of `lua/`. Live publications travel over pub/sub, in the order
+the publish script ran; `feeds` keeps each subscribed diagnosis gapless and in order on this node, filling a
+gap from the stream and reconnecting the pub/sub connection itself (redis-py's does not resubscribe reliably).
+Imported only when REALTIME_REDIS_URL is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from realtime_service.broker.base import (
+    ControlHandler,
+    Cursor,
+    History,
+    IdempotencyRecord,
+    LostHandler,
+    Publication,
+    PublicationHandler,
+    StreamPosition,
+)
+from realtime_service.broker.feeds import FeedSet, PubSubLink
+from realtime_service.errors import BrokerUnavailable
+from realtime_service.protocol.frames import with_position
+
+log = logging.getLogger("realtime.broker")
+
+MAX_DEVICES_PER_USER = 64
+SCRIPTS = ("publish", "position", "history", "retained", "cursor", "inbox", "idempotency")
+Events = Callable[[str, str], None]  # (event, detail): errors, reconnects, gap fills, catch-ups for metrics
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+class Keys:
+    """The key layout: every key of one diagnosis shares the hash tag `{<prefix>:d:<id>}` (Redis Cluster)."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def tag(self, diagnosis_id: int) -> str:
+        return f"{{{self.prefix}:d:{diagnosis_id}}}"
+
+    def meta(self, diagnosis_id: int) -> str:
+        return f"{self.tag(diagnosis_id)}:meta"
+
+    def stream(self, diagnosis_id: int) -> str:
+        return f"{self.tag(diagnosis_id)}:stream"
+
+    def cursors(self, diagnosis_id: int, user_id: int) -> str:
+        return f"{self.tag(diagnosis_id)}:cursor:{user_id}"
+
+    def cursor_users(self, diagnosis_id: int) -> str:
+        return f"{self.tag(diagnosis_id)}:cursor-users"
+
+    def inbox(self, diagnosis_id: int, user_id: int) -> str:
+        return f"{self.tag(diagnosis_id)}:inbox:{user_id}"
+
+    def channel(self, diagnosis_id: int) -> str:
+        return f"{self.prefix}:ch:{diagnosis_id}"
+
+    def control(self) -> str:
+        return f"{self.prefix}:control"
+
+    def active(self) -> str:
+        return f"{{{self.prefix}}}:active"
+
+    def idempotency(self, scope: str, key: str) -> str:
+        digest = hashlib.sha256(f"{scope}\n{key}".encode()).hexdigest()[:32]
+        return f"{{{self.prefix}:i:{digest}}}"
+
+
+class Scripts:
+    """The Lua scripts, loaded once per connection pool; EVALSHA, falling back to loading after a Redis restart."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._source = {name: (resources.files("realtime_service.broker") / "lua" / f"{name}.lua").read_text()
+                        for name in SCRIPTS}
+        self._sha = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._source.items()}
+
+    async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self._client.script_load(self._source[name])
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+
+
+class RedisBroker:
+    """Broker for many nodes on one Redis primary (6.2+ or Valkey)."""
+
+    def __init__(self, url: str, *, prefix: str, history_size: int, history_max_bytes: int, history_ttl: float,
+                 inbox_size: int, idempotency_ttl: float, timeout: float = 2.0,
+                 clock: Callable[[], float] = time.time, events: Events | None = None) -> None:
+        self.keys = Keys(prefix)
+        self._history_size = history_size
+        self._history_max_bytes = history_max_bytes
+        self._ttl_ms = _ms(history_ttl)
+        self._history_ttl = history_ttl
+        self._inbox_size = inbox_size
+        self._idempotency_ttl = idempotency_ttl
+        self._timeout = timeout
+        self._clock = clock
+        self._events: Events = events or (lambda event, detail: None)
+        # No retries inside redis-py: a retried publish could run twice; every caller here decides itself.
+        self.client: redis.Redis = redis.Redis.from_url(
+            url, socket_timeout=timeout + 1.0, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+            health_check_interval=0, max_connections=64)
+        self._scripts = Scripts(self.client)
+        self.feeds = FeedSet(self.keys, self._fill_source, self._position_source, self._events,
+                             fill_after=0.15, timeout=timeout)
+        self._link = PubSubLink(self.client, self.keys, self.feeds, self._events, timeout=timeout)
+
+    # -- lifecycle and handlers ------------------------------------------------------------------------------
+    def set_handler(self, handler: PublicationHandler) -> None:
+        self.feeds.on_publication = handler
+
+    def set_lost_handler(self, handler: LostHandler) -> None:
+        self.feeds.on_lost = handler
+
+    def set_control_handler(self, handler: ControlHandler) -> None:
+        self._link.on_control = handler
+
+    async def start(self) -> None:
+        self._link.start()
+
+    async def close(self) -> None:
+        await self._link.stop()
+        self.feeds.close()
+        await self.client.aclose()
+
+    async def _call(self, operation: str, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script; any failure to get an answer in time is BrokerUnavailable (and counted)."""
+        try:
+            return await asyncio.wait_for(self._scripts.run(script, keys, args), self._timeout + 1.5)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._events("error", operation)
+            raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
+
+    async def ping(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.ping(), self._timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._events("error", "ping")
+            raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
+
+    # -- live feeds ------------------------------------------------------------------------------------------
+    async def subscribe(self, diagnosis_id: int) -> None:
+        await self._link.subscribe(diagnosis_id)
+
+    async def unsubscribe(self, diagnosis_id: int) -> None:
+        self._link.unsubscribe(diagnosis_id)
+
+    async def publish_control(self, message: bytes) -> None:
+        try:
+            await asyncio.wait_for(self.client.publish(self.keys.control(), message), self._timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._events("error", "control")
+            raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
+
+    # -- publishing and history ------------------------------------------------------------------------------
+    async def publish(self, diagnosis_id: int, body: bytes, exclude_session: str | None = None) -> Publication:
+        deadline = _ms(time.time() + self._timeout)
+        now = _ms(self._clock())
+        result = await self._call("publish", "publish", (self.keys.meta(diagnosis_id), self.keys.stream(diagnosis_id)),
+                                  (body, exclude_session or "", now, self._history_size, self._history_max_bytes,
+                                   self._ttl_ms, deadline, self.keys.channel(diagnosis_id), _new_epoch(), len(body),
+                                   0))
+        if int(result[0]) < 0:
+            self._events("error", "publish")
+            raise BrokerUnavailable("the broker ran the publish too late; nothing was published")
+        offset, epoch = int(result[0]), result[1].decode()
+        await self._note_active(diagnosis_id, now)
+        publication = Publication(diagnosis_id, offset, epoch, with_position(body, offset, epoch), exclude_session)
+        await self.feeds.wait_delivered(diagnosis_id, offset, epoch)
+        return publication
+
+    async def _note_active(self, diagnosis_id: int, now: int) -> None:
+        """Remember which diagnoses hold history, for the status totals (best effort: not part of the publish)."""
+        try:
+            await self.client.zadd(self.keys.active(), {str(diagnosis_id): now})
+        except (RedisError, OSError):
+            self._events("error", "active")
+
+    async def position(self, diagnosis_id: int) -> StreamPosition:
+        return await self._position_source(diagnosis_id)
+
+    async def _position_source(self, diagnosis_id: int) -> StreamPosition:
+        result = await self._call("position", "position",
+                                  (self.keys.meta(diagnosis_id), self.keys.stream(diagnosis_id)),
+                                  (_new_epoch(), self._ttl_ms))
+        return StreamPosition(int(result[0]), result[1].decode())
+
+    async def history(self, diagnosis_id: int, since: int) -> History:
+        return await self._fill_source(diagnosis_id, since)
+
+    async def _fill_source(self, diagnosis_id: int, since: int) -> History:
+        keys = (self.keys.meta(diagnosis_id), self.keys.stream(diagnosis_id))
+        result: Any = await self._call("history", "history", keys,
+                                       (max(0, since), _ms(self._clock()), self._ttl_ms, _new_epoch()))
+        offset, epoch, oldest = int(result[0]), result[1].decode(), int(result[2])
+        pubs = []
+        for index in range(3, len(result), 2):
+            entry_offset = int(bytes(result[index]).split(b"-", 1)[0])
+            pubs.append(Publication(diagnosis_id, entry_offset, epoch, with_position(result[index + 1], entry_offset,
+                                                                                     epoch)))
+        return History(StreamPosition(offset, epoch), oldest, tuple(pubs))
+
+    async def retained_count(self) -> int:
+        now = _ms(self._clock())
+        try:
+            await self.client.zremrangebyscore(self.keys.active(), "-inf", now - self._ttl_ms)
+            members: list[Any] = await self.client.zrange(self.keys.active(), 0, -1)
+        except (RedisError, OSError) as exc:
+            self._events("error", "retained")
+            raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
+        counts = await asyncio.gather(*(self._call("retained", "retained", (self.keys.stream(int(m)),),
+                                                   (now, self._ttl_ms)) for m in members))
+        return sum(int(c) for c in counts)
+
+    # -- cursors -----------------------------------------------------------------------------------------------
+    async def _cursor_step(self, mode: str, diagnosis_id: int, user_id: int, device: str, offset: int,
+                           epoch: str) -> Cursor:
+        value = await self._call(f"cursor_{mode}", "cursor",
+                                 (self.keys.cursors(diagnosis_id, user_id), self.keys.cursor_users(diagnosis_id)),
+                                 (mode, user_id, device, offset, epoch, _ms(self._clock()), MAX_DEVICES_PER_USER,
+                                  self._ttl_ms))
+        return _cursor(user_id, device, value)
+
+    async def cursor(self, diagnosis_id: int, user_id: int, device: str) -> Cursor | None:
+        try:
+            value: Any = await self.client.hget(self.keys.cursors(diagnosis_id, user_id), device)
+        except (RedisError, OSError) as exc:
+            self._events("error", "cursor")
+            raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
+        return None if value is None else _cursor(user_id, device, bytes(value))
+
+    async def init_cursor(self, diagnosis_id: int, user_id: int, device: str, position: StreamPosition) -> Cursor:
+        return await self._cursor_step("init", diagnosis_id, user_id, device, position.offset, position.epoch)
+
+    async def confirm(self, diagnosis_id: int, user_id: int, device: str, offset: int, epoch: str) -> None:
+        await self._cursor_step("confirm", diagnosis_id, user_id, device, offset, epoch)
+
+    async def reset_cursor(self, diagnosis_id: int, user_id: int, device: str, position: StreamPosition) -> None:
+        await self._cursor_step("reset", diagnosis_id, user_id, device, position.offset, position.epoch)
+
+    async def cursors(self, diagnosis_id: int) -> list[Cursor]:
+        try:
+            users = await self.client.smembers(self.keys.cursor_users(diagnosis_id))
+            out: list[Cursor] = []
+            for raw in sorted(users):
+                user_id = int(raw)
+                entries: dict[Any, Any] = await self.client.hgetall(self.keys.cursors(diagnosis_id, user_id))
+                for device, value in entries.items():
+                    out.append(_cursor(user_id, bytes(device).decode(), bytes(value)))
+            return out
+        except (RedisError, OSError) as exc:
+            self._events("error", "cursors")
+            raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
+
+    # -- personal inboxes ----------------------------------------------------------------------------------------
+    async def push_personal(self, diagnosis_id: int, user_id: int, frame: bytes) -> None:
+        entry = b"%d|%s" % (_ms(self._clock()), frame)
+        await self._call("push_personal", "inbox", (self.keys.inbox(diagnosis_id, user_id),),
+                         ("push", entry, self._inbox_size, self._ttl_ms))
+
+    async def take_personal(self, diagnosis_id: int, user_id: int) -> list[bytes]:
+        entries = await self._call("take_personal", "inbox", (self.keys.inbox(diagnosis_id, user_id),),
+                                   ("take", "", 0, 0))
+        horizon = _ms(self._clock()) - self._ttl_ms
+        out = []
+        for entry in entries:
+            stamp, frame = entry.split(b"|", 1)
+            if int(stamp) > horizon:
+                out.append(frame)
+        return out
+
+    # -- idempotency ------------------------------------------------------------------------------------------------
+    async def reserve_idempotency(self, scope: str, key: str, fingerprint: str, token: str,
+                                  lease: float) -> IdempotencyRecord | None:
+        result = await self._call("idempotency", "idempotency", (self.keys.idempotency(scope, key),),
+                                  ("reserve", token, fingerprint, _ms(self._clock()), _ms(lease), ""))
+        if result[0] == b"reserved":
+            return None
+        return IdempotencyRecord(result[0] == b"done", result[1].decode(), bytes(result[2]))
+
+    async def complete_idempotency(self, scope: str, key: str, token: str, result: bytes) -> None:
+        await self._call("idempotency", "idempotency", (self.keys.idempotency(scope, key),),
+                         ("complete", token, "", _ms(self._clock()), _ms(self._idempotency_ttl), result))
+
+    async def release_idempotency(self, scope: str, key: str, token: str) -> None:
+        await self._call("idempotency", "idempotency", (self.keys.idempotency(scope, key),),
+                         ("release", token, "", _ms(self._clock()), 0, ""))
+
+
+def _cursor(user_id: int, device: str, value: bytes) -> Cursor:
+    offset, epoch, stamp = value.decode().split("|")
+    return Cursor(user_id, device, int(offset), epoch, int(stamp) / 1000)
