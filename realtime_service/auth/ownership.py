@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from realtime_service.auth.tokens import Principal
-from realtime_service.errors import DiagnosisNotFound, Forbidden
+from realtime_service.errors import DiagnosisNotFound, Forbidden, OwnershipUnavailable
 
 MAX_CACHED = 200_000
 
@@ -75,7 +75,15 @@ class OwnershipChecker:
             pending = asyncio.ensure_future(self._lookup(diagnosis_id))
             pending.add_done_callback(_retrieve)
             self._inflight[diagnosis_id] = pending
-        return await asyncio.shield(pending)
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # The shared lookup ended cancelled while this caller was not: a source let a CancelledError out
+            # (aiopg renders the server's statement timeout so). For this caller that is an unavailable replica.
+            task = asyncio.current_task()
+            if pending.cancelled() and task is not None and not task.cancelling():
+                raise OwnershipUnavailable("the ownership check did not complete") from None
+            raise
 
     async def _lookup(self, diagnosis_id: int) -> int | None:
         generation = self._generation

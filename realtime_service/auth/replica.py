@@ -1,24 +1,73 @@
-"""The Postgres read replica behind the ownership check, through an aiopg pool (PROTOCOL 7).
+"""The Postgres read replica behind the ownership check, over aiopg connections (PROTOCOL 7).
 
-The pool is made on first use and remade after failures, so the service starts and keeps running while the
-replica is down; every call is bounded by the connect and statement timeouts.
+Every failure of the replica, whatever its form, becomes OwnershipUnavailable within the connect and statement
+timeouts, under asyncio's loop and under uvloop. Two aiopg behaviours make that need care (aio-libs/aiopg 856, 909):
+
+- When a connection attempt fails (refused, the server shutting down, authentication), libpq closes the socket
+  while aiopg still has a writer registered for it and only removes the reader. On uvloop the stale poll handle
+  stays in the loop's table, so the next connection that gets the same descriptor number fails in `add_reader`
+  with `RuntimeError: ... UVPoll closed=True ...` (about every other attempt while the replica is down).
+  aiopg's own pool gives no way to clean up after it, so this module keeps its own small pool: it knows each
+  connection's descriptor, and after a failure it drops whatever registration the loop still holds for it, but
+  only while the descriptor is closed (so nobody else's registration can be touched). Connection attempts are made
+  one at a time, so no attempt of ours can reuse a descriptor number before the previous one is cleaned up. A
+  RuntimeError that still gets through is counted as unavailable like any other failure.
+- When the server cancels a statement (statement_timeout), aiopg raises `asyncio.CancelledError` in place of
+  `QueryCanceledError`. A CancelledError while our own task is not being cancelled is that, and is unavailable.
+  The statement is bounded on the client first (aiopg's timeout, which also closes the connection) and the
+  server's statement_timeout is set a little later, as a backstop that stops the work on the replica.
+
+After a failed connection attempt, attempts within the next RETRY_AFTER seconds fail at once (a reconnect storm
+against a replica that is down does not queue thousands of attempts), and a query that fails on a connection
+taken from the pool is retried once on a new one (after a replica restart every pooled connection is dead, and
+the first query after the replica's return should not be a 503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiopg
 import psycopg2
 
-from realtime_service.db.describe import describe_db_error, server_of
 from realtime_service.errors import OwnershipUnavailable
 
 log = logging.getLogger("realtime.replica")
+
+RECYCLE_AFTER = 300.0  # seconds a connection is used before it is replaced (a replica failover moves the DNS name)
+RETRY_AFTER = 0.5  # seconds after a failed connection attempt during which new attempts fail at once
+SERVER_TIMEOUT_MARGIN = 1.0  # seconds the server's statement_timeout runs after the client's
+LOG_EVERY = 5.0  # seconds between two warnings of the same kind (an outage under load would flood the log)
+
+
+@dataclass(eq=False)
+class _Pooled:
+    """One aiopg connection with the descriptor it was opened on (kept for the clean-up after a failure)."""
+
+    conn: aiopg.Connection
+    fd: int
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+def _forget_descriptor(fd: int) -> None:
+    """Drop any reader/writer the running loop still holds for `fd`, if `fd` is closed (nobody else's, then)."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        pass
+    else:
+        return  # open again: the number belongs to someone else now; theirs is not ours to touch
+    loop = asyncio.get_running_loop()
+    for remove in (loop.remove_writer, loop.remove_reader):
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
+            remove(fd)
 
 
 class PostgresOwnership:
@@ -32,52 +81,17 @@ class PostgresOwnership:
         self._pool_max = pool_max
         self._connect_timeout = connect_timeout
         self._statement_timeout = statement_timeout
-        self._pool: aiopg.Pool | None = None
-        self._pool_future: asyncio.Future[aiopg.Pool] | None = None
         self._observe = observe
+        self._idle: list[_Pooled] = []
+        self._open = 0  # connections open or being opened
+        self._slots = asyncio.Semaphore(pool_max)  # queries at once: never more than pool_max connections
+        self._connecting = asyncio.Lock()  # one attempt at a time (see the module docstring)
+        self._failed_at = -RETRY_AFTER
+        self._filling: asyncio.Task[None] | None = None
+        self._closed = False
+        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (when last logged, repeats not logged since)
 
-    async def _get_pool(self) -> aiopg.Pool:
-        if self._pool is not None and not self._pool.closed:
-            return self._pool
-        if self._pool_future is None:
-            self._pool_future = asyncio.ensure_future(self._create_pool())
-        future = self._pool_future
-        try:
-            self._pool = await asyncio.shield(future)
-        except BaseException:
-            if self._pool_future is future and future.done():
-                self._pool_future = None
-            raise
-        return self._pool
-
-    async def _create_pool(self) -> aiopg.Pool:
-        return await aiopg.create_pool(
-            self._dsn, minsize=self._pool_min, maxsize=self._pool_max,
-            timeout=self._statement_timeout + self._connect_timeout,
-            connect_timeout=max(1, round(self._connect_timeout)),
-            options=f"-c statement_timeout={int(self._statement_timeout * 1000)}",
-            pool_recycle=300,
-        )
-
-    async def _run(self, sql: str, params: dict[str, Any] | None) -> list[tuple[Any, ...]]:
-        pool = await self._get_pool()
-        async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(sql, params)
-            rows: list[tuple[Any, ...]] = await cur.fetchall() if cur.description else []
-            return rows
-
-    async def _bounded(self, sql: str, params: dict[str, Any] | None) -> list[tuple[Any, ...]]:
-        budget = self._connect_timeout + self._statement_timeout
-        try:
-            return await asyncio.wait_for(self._run(sql, params), budget)
-        except TimeoutError:
-            log.warning("replica at %s did not answer within %.1fs", server_of(self._dsn), budget)
-            raise OwnershipUnavailable("the read replica did not answer in time") from None
-        except (psycopg2.Error, OSError) as exc:
-            # The server's own words, one line, password masked: the class name alone says nothing.
-            log.warning("replica error at %s: %s: %s", server_of(self._dsn), type(exc).__name__,
-                        describe_db_error(exc, self._dsn))
-            raise OwnershipUnavailable("the read replica is unavailable") from None
+    # -- the public face -----------------------------------------------------------------------------------
 
     async def owner_of(self, diagnosis_id: int) -> int | None:
         started = time.perf_counter()
@@ -98,7 +112,150 @@ class PostgresOwnership:
         await self._bounded("SELECT 1", None)
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
-            await pool.wait_closed()
+        self._closed = True
+        if self._filling is not None:
+            self._filling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filling
+        idle, self._idle = self._idle, []
+        for pooled in idle:
+            self._discard(pooled)
+
+    # -- bounding every failure --------------------------------------------------------------------------
+
+    async def _bounded(self, sql: str, params: dict[str, Any] | None) -> list[tuple[Any, ...]]:
+        budget = self._connect_timeout + self._statement_timeout + 0.5  # a backstop; aiopg's timeouts come first
+        try:
+            async with asyncio.timeout(budget):
+                return await self._run(sql, params)
+        except OwnershipUnavailable as exc:
+            self._warn("fast", "replica unavailable: %s", exc.message)
+            raise
+        except TimeoutError:
+            self._warn("timeout", "replica did not answer in time (connect %.1fs, statement %.1fs)",
+                       self._connect_timeout, self._statement_timeout)
+            raise OwnershipUnavailable("the read replica did not answer in time") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled (the caller left, or shutdown): not the replica's doing
+            # aiopg's rendering of QueryCanceledError: the server's statement_timeout fired
+            self._warn("cancelled", "replica cancelled the statement (statement_timeout)")
+            raise OwnershipUnavailable("the read replica did not answer in time") from None
+        except (psycopg2.Error, OSError, RuntimeError) as exc:
+            self._warn(type(exc).__name__, "replica error: %s: %s", type(exc).__name__, _first_line(exc))
+            raise OwnershipUnavailable("the read replica is unavailable") from None
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        """One WARNING per kind per LOG_EVERY seconds, saying how many were held back."""
+        now = time.monotonic()
+        last, held = self._warned.get(kind, (-LOG_EVERY, 0))
+        if now - last < LOG_EVERY:
+            self._warned[kind] = (last, held + 1)
+            return
+        self._warned[kind] = (now, 0)
+        if held:
+            message += f" ({held} more like it in the last {now - last:.0f}s)"
+        log.warning(message, *args)
+
+    async def _run(self, sql: str, params: dict[str, Any] | None) -> list[tuple[Any, ...]]:
+        if self._closed:
+            raise OwnershipUnavailable("the read replica pool is closed")
+        async with self._slots:
+            pooled = self._take_idle()
+            if pooled is not None:
+                try:
+                    return await self._execute(pooled, sql, params)
+                except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                    # Probably dead since the replica restarted, and so are its idle siblings: retry once, fresh.
+                    for stale in self._idle:
+                        self._discard(stale)
+                    self._idle.clear()
+            return await self._execute(await self._connect(), sql, params)
+
+    async def _execute(self, pooled: _Pooled, sql: str, params: dict[str, Any] | None) -> list[tuple[Any, ...]]:
+        healthy = False
+        try:
+            async with pooled.conn.cursor() as cur:
+                await cur.execute(sql, params, timeout=self._statement_timeout)
+                rows: list[tuple[Any, ...]] = await cur.fetchall() if cur.description else []
+            healthy = True
+            return rows
+        finally:
+            if healthy and not self._closed:
+                self._idle.append(pooled)
+            else:
+                self._discard(pooled)  # a failed or cancelled statement leaves the session in doubt
+
+    # -- the pool ------------------------------------------------------------------------------------------
+
+    def _take_idle(self) -> _Pooled | None:
+        now = time.monotonic()
+        while self._idle:
+            pooled = self._idle.pop()
+            if not pooled.conn.closed and now - pooled.opened_at < RECYCLE_AFTER:
+                return pooled
+            self._discard(pooled)
+        return None
+
+    async def _connect(self) -> _Pooled:
+        async with self._connecting:
+            if time.monotonic() - self._failed_at < RETRY_AFTER:
+                raise OwnershipUnavailable("the read replica is unavailable (retrying shortly)")
+            self._open += 1
+            try:
+                pooled = await self._open_one()
+            except BaseException:
+                self._open -= 1
+                self._failed_at = time.monotonic()
+                raise
+        self._failed_at = -RETRY_AFTER
+        if self._open < self._pool_min and (self._filling is None or self._filling.done()):
+            self._filling = asyncio.ensure_future(self._fill())
+        return pooled
+
+    async def _open_one(self) -> _Pooled:
+        options = f"-c statement_timeout={int((self._statement_timeout + SERVER_TIMEOUT_MARGIN) * 1000)}"
+        conn = aiopg.Connection(self._dsn, self._connect_timeout, enable_json=False, enable_hstore=False,
+                                enable_uuid=False, connect_timeout=max(1, round(self._connect_timeout)),
+                                options=options)
+        fd = conn.raw.fileno()
+        try:
+            await conn
+        except BaseException:
+            conn.close()
+            _forget_descriptor(fd)
+            raise
+        return _Pooled(conn, fd)
+
+    async def _fill(self) -> None:
+        """Open connections up to pool_min in the background (REALTIME_DB_POOL_MIN); failures wait for next use."""
+        while not self._closed and self._open < self._pool_min:
+            try:
+                async with self._connecting:
+                    self._open += 1
+                    try:
+                        pooled = await asyncio.wait_for(self._open_one(), self._connect_timeout + 0.5)
+                    except BaseException:
+                        self._open -= 1
+                        raise
+            except Exception:  # the next query tries again and reports what is wrong
+                return
+            if self._closed:
+                self._discard(pooled)
+                return
+            self._idle.append(pooled)
+
+    def _discard(self, pooled: _Pooled) -> None:
+        self._open -= 1
+        try:
+            pooled.conn.close()
+        except (psycopg2.Error, OSError, RuntimeError) as exc:
+            log.debug("closing a replica connection: %s", type(exc).__name__)
+        _forget_descriptor(pooled.fd)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The server's reason (host, port, why), without the DETAIL/HINT lines; libpq never includes a password."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
