@@ -23,7 +23,7 @@ from realtime_service.db.embedded import EmbeddedPostgres
 from realtime_service.db.embedded import free_port as _free_port
 from realtime_service.db.migrate import apply_migrations
 
-pytest_plugins = ["tests.fixtures_app"]
+pytest_plugins = ["tests.fixtures_app", "tests.edge_support"]
 
 _DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 

@@ -94,9 +94,11 @@ async def handshake(url: str, headers: dict[str, str] | None = None, rcvbuf: int
         sock.setblocking(False)
         await asyncio.wait_for(loop.sock_connect(sock, (target.host, target.port)), timeout)
         key = base64.b64encode(os.urandom(16)).decode()
-        lines = [f"GET {target.raw_path_qs} HTTP/1.1", f"Host: {target.host}:{target.port}", "Upgrade: websocket",
+        given = headers or {}
+        host = given.get("Host", f"{target.host}:{target.port}")  # a test may name another Host
+        lines = [f"GET {target.raw_path_qs} HTTP/1.1", f"Host: {host}", "Upgrade: websocket",
                  "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        lines += [f"{name}: {value}" for name, value in given.items() if name != "Host"]
         await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode())
         raw = await asyncio.wait_for(_read_head(loop, sock), timeout)
     except BaseException:

@@ -25,11 +25,13 @@ log = logging.getLogger("realtime.http")
 
 SWEEP_EVERY = 0.5  # seconds between looks for connections past their head deadline
 SHUTDOWN_TIMEOUT = 2.0
+LINGER = 2.0  # seconds aiohttp reads (and drops) the unread rest of a body after answering (its default: 10)
 
 
 def server_options(app: web.Application, settings: Settings) -> dict[str, Any]:
     """Keyword arguments for aiohttp's request handler: keep-alive, quiet client faults, redacted access log."""
-    return {"keepalive_timeout": settings.http_keepalive_timeout, "access_log_class": RedactingAccessLogger,
+    return {"keepalive_timeout": settings.http_keepalive_timeout, "lingering_time": LINGER,
+            "access_log_class": RedactingAccessLogger,
             "logger": ServerLog(logging.getLogger("realtime.http.server"), app[STATE].repeats)}
 
 

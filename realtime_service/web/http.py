@@ -187,6 +187,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             state.repeats.info(log, "body_timeout", "closed a request whose body stopped arriving",
                                method=request.method, path=request.rel_url.path, remote=request.remote or "")
             response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            if request.protocol is not None:
+                request.protocol.force_close()  # the body is dead: no lingering read of what never comes
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
