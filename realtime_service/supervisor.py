@@ -42,7 +42,7 @@ import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from realtime_service.settings import ConfigError
 
@@ -313,21 +313,30 @@ class _WorkerFields(logging.Filter):
         return True
 
 
-def _read_spec(stream: IO[bytes]) -> WorkerSpec:
-    header = stream.read(_LENGTH.size)
-    if len(header) != _LENGTH.size:
-        raise SystemExit(1)  # the parent went away before sending anything
-    (length,) = _LENGTH.unpack(header)
-    spec = pickle.loads(stream.read(length))  # from our own parent, over a pipe only it holds
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise SystemExit(1)  # the parent went away before sending everything
+        data += chunk
+    return data
+
+
+def _read_spec(fd: int) -> WorkerSpec:
+    """Plain reads on the descriptor, not sys.stdin: a thread blocked in a buffered read would hold its lock when
+    the interpreter exits, and Python aborts on that."""
+    (length,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size))
+    spec = pickle.loads(_read_exactly(fd, length))  # from our own parent, over a pipe only it holds
     assert isinstance(spec, WorkerSpec)
     return spec
 
 
-def _drain_when_orphaned(stream: IO[bytes]) -> None:
+def _drain_when_orphaned(fd: int) -> None:
     """The parent holds our stdin open while it lives: at its end, drain as if told to (SIGTERM)."""
     def watch() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            while stream.read(65536):
+        with contextlib.suppress(OSError):
+            while os.read(fd, 65536):
                 pass
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -343,9 +352,10 @@ def worker_main() -> int:
     # Our stdout is the report channel to the parent; anything else printed goes to stderr with the logs.
     reports = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    spec = _read_spec(sys.stdin.buffer)
+    stdin = sys.stdin.fileno()
+    spec = _read_spec(stdin)
     settings = spec.settings
-    _drain_when_orphaned(sys.stdin.buffer)
+    _drain_when_orphaned(stdin)
     configure_logging(settings.log_level)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerFields(spec.index))

@@ -268,6 +268,9 @@ async def test_sigterm_drains_every_worker_with_1012_and_exits_0(
     assert not any(alive(pid) for pid in pids.values())
     drained = [line for line in log_lines(server) if line["message"].startswith("draining ")]
     assert sorted(line["worker"] for line in drained) == [1, 2]  # each worker ran its own drain
+    exits = {line["message"] for line in log_lines(server) if line.get("logger") == "realtime.supervisor"}
+    for number, pid in pids.items():
+        assert f"worker {number} (pid {pid}) exited with code 0" in exits, server.text  # a clean exit each
     assert not metrics_dirs[0].exists()  # the parent removed the metrics folder
 
 
