@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -211,9 +212,9 @@ MALFORMED = {
 
 
 @pytest.fixture
-async def servers() -> list[ServerProcess]:
+async def servers() -> AsyncIterator[list[ServerProcess]]:
     started: list[ServerProcess] = []
-    yield started  # type: ignore[misc]
+    yield started
     for server in started:
         await server.kill()
 
