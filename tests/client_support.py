@@ -55,7 +55,7 @@ class RestartableService:
         settings = make_settings(self.dsn, **self.overrides)
         self.app = create_app(settings, broker=self.broker)
         self.server = TestServer(self.app, host="127.0.0.1", port=self.port)
-        await self.server.start_server()
+        await self.server.start_server(shutdown_timeout=2.0)  # as run_server: idle keep-alives do not hold a stop
         self.generation += 1
 
     async def stop(self, drain: bool = True) -> None:

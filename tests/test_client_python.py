@@ -88,8 +88,8 @@ class Follower:
                 raise AssertionError(f"timed out waiting for {what}; items {self.items[-5:]}, "
                                      f"states {[s.state for s in self.states][-8:]}")
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            with contextlib.suppress(TimeoutError):  # woken by an item or a state; re-checked at least every 50 ms
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
 
     def offsets(self) -> list[int]:
         return [i["offset"] for i in self.items if isinstance(i, dict) and "offset" in i]

@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from realtime_service.client import Publisher
 from realtime_service.web.state import STATE
+from tests.client_support import RestartableService
 from tests.fixtures_app import StartService
+from tests.support import Seeder, Tokens
 
 pytestmark = pytest.mark.browser
 
@@ -198,3 +201,72 @@ async def test_production_sign_in_in_the_browser(start_service: StartService, br
     await expect(page.locator("#token")).to_be_visible(timeout=WAIT_MS)
     assert not await context.cookies()
     await context.close()
+
+
+async def test_console_empty_state_and_totals_read_right(start_service: StartService, browser: Browser) -> None:
+    """Issue 12 item 10: no "enter a token" prompt beside a held demo token; totals are pluralised and say
+    which diagnoses they count (the watched ones), so "0 diagnoses watched" beside "1 retained message" reads
+    right."""
+    service = await start_service(console_enabled=True, env="development")
+    uid, did = service.seed.owned()
+    service.app[STATE].demo_tokens = {"user": service.tokens.user(uid), "service": service.tokens.service(),
+                                      "diagnosis_id": str(did)}
+    page = await browser.new_page()
+    await page.goto(f"{service.base_url}/console")
+    await expect(page.locator("#user-token-held")).to_have_text("demo token held")
+    await expect(page.locator("#frames-empty")).to_have_text(
+        f"No frames yet. Press Connect to watch diagnosis {did} as the demo user.")
+    await service.publish(did, "note", {})
+    await expect(page.locator("#total-retained")).to_have_text("1", timeout=WAIT_MS)
+    await expect(page.locator("#total-retained-label")).to_have_text("retained message")
+    await expect(page.locator("#total-diagnoses")).to_have_text("0")
+    await expect(page.locator("#total-diagnoses-label")).to_have_text("diagnoses watched")
+    await expect(page.locator("#total-connections-label")).to_have_text("connections")
+    await page.click("#connect")
+    await expect(page.locator("#total-connections")).to_have_text("1", timeout=WAIT_MS)
+    await expect(page.locator("#total-connections-label")).to_have_text("connection")
+    await expect(page.locator("#total-diagnoses-label")).to_have_text("diagnosis watched")
+    await service.publish(did, "note", {})
+    await expect(page.locator("#total-retained-label")).to_have_text("retained messages", timeout=WAIT_MS)
+    await page.close()
+
+    other = await browser.new_page()  # nothing held: then the console asks for a token
+    service.app[STATE].demo_tokens = {}
+    await other.goto(f"{service.base_url}/console")
+    await expect(other.locator("#frames-empty")).to_have_text(
+        "No frames yet. Enter a user token and a diagnosis, then connect.")
+    await other.close()
+
+
+async def test_console_reconnects_and_resumes_by_itself(pg_dsn: str, seed: Seeder, tokens: Tokens,
+                                                        browser: Browser) -> None:
+    """The console runs on /client/realtime.js: a node restart (1012) is followed by a reconnect that resumes
+    from the last offset, with nothing missed and nothing twice."""
+    service = RestartableService(pg_dsn, console_enabled=True, env="development")
+    await service.start()
+    try:
+        uid, did = seed.owned()
+        page = await browser.new_page()
+        await page.goto(f"{service.base_url}/console")
+        await page.fill("#user-token", tokens.user(uid))
+        await page.fill("#diagnosis", str(did))
+        await page.click("#connect")
+        await expect(page.locator("#conn-state")).to_have_text("connected", timeout=WAIT_MS)
+        async with Publisher(service.base_url, tokens.service()) as rt:
+            await rt.publish(did, "before", {})
+            await expect(row(page, "before", 1)).to_have_count(1, timeout=WAIT_MS)
+            await service.stop()
+            await expect(row(page, "closed")).to_contain_text('"code":1012', timeout=WAIT_MS)
+            await service.start()
+            await rt.publish(did, "while_away", {})
+            await expect(page.locator("#conn-state")).to_have_text("connected", timeout=WAIT_MS)
+            await rt.publish(did, "after", {})
+        await expect(row(page, "after", 3)).to_have_count(1, timeout=WAIT_MS)
+        await expect(row(page, "while_away", 2)).to_have_count(1)
+        await expect(row(page, "connect")).to_have_count(2)
+        await expect(page.locator("#fact-offset")).to_have_text("3")
+        auth = row(page, "auth").nth(1)
+        await expect(auth).to_contain_text('"since":1')
+        await page.close()
+    finally:
+        await service.stop(drain=False)

@@ -246,9 +246,8 @@ export function connect(options) {
     ws.onopen = () => {
       const auth = { type: "auth", token: first, device: device };
       if (since) Object.assign(auth, { since: since.offset, epoch: since.epoch });
-      ws.send(JSON.stringify(auth));
+      send(conn, auth);
       first = null;
-      report(opts.onFrame, { direction: "out", frame: Object.assign({}, auth, { token: "•••" }) });
       planRefresh(conn);
       watchdog(conn);
     };
@@ -296,11 +295,11 @@ export function connect(options) {
   }
 
   function send(conn, frame) {
-    if (socket === conn && conn.ws.readyState === 1) {
-      conn.ws.send(JSON.stringify(frame));
-      return true;
-    }
-    return false;
+    if (socket !== conn || conn.ws.readyState !== 1) return false;
+    conn.ws.send(JSON.stringify(frame));
+    const shown = "token" in frame ? Object.assign({}, frame, { token: "•••" }) : frame;
+    report(opts.onFrame, { direction: "out", frame: shown });
+    return true;
   }
 
   function receive(conn, frame, since) {
@@ -406,7 +405,6 @@ export function connect(options) {
     const exp = typeof next === "string" ? tokenExpiry(next) : null;
     if (typeof next === "string" && next !== "" && (exp === null || conn.exp === null || exp > conn.exp)) {
       if (send(conn, { type: "auth", token: next })) {
-        report(opts.onFrame, { direction: "out", frame: { type: "auth", token: "•••" } });
         conn.exp = exp;
         planRefresh(conn);
       }
