@@ -220,7 +220,7 @@ class Supervisor:
             slot.process = None
             _mark_dead(process.pid, self.metrics_dir)
             if self.stopping.is_set():
-                level = logging.INFO if code == 0 else logging.WARNING
+                level = logging.INFO if code in (0, -signal.SIGTERM) else logging.WARNING  # -SIGTERM: still starting
                 log.log(level, "worker %d (pid %d) %s", slot.index, process.pid, describe_exit(code),
                         extra={"worker": slot.index, "worker_pid": process.pid})
                 return None

@@ -297,6 +297,18 @@ def test_more_than_one_worker_without_redis_is_refused_in_one_line(pg_dsn: str, 
     assert "Traceback" not in result.stderr
 
 
+def test_a_worker_that_cannot_start_stops_the_start_with_its_one_line(pg_dsn: str, tmp_path: Path) -> None:
+    env = workers_env(pg_dsn, "ftp://127.0.0.1:1/0", tmp_path)  # today each worker refuses it
+    result = run_cli("serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2", env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith("realtime-service serve:")]
+    assert len(said) == 1, result.stderr  # once, not once per worker
+    assert "REALTIME_REDIS_URL" in said[0]
+    assert "Traceback" not in result.stderr
+    assert "listening on" not in result.stderr
+    assert not list((tmp_path / "tmp").glob("realtime-metrics-*"))
+
+
 def test_workers_must_be_a_positive_count(pg_dsn: str, tmp_path: Path) -> None:
     result = run_cli("serve", "--port", "0", "--workers", "0", env=serve_env(pg_dsn, SECRET), cwd=tmp_path)
     assert result.returncode == 2
