@@ -329,7 +329,6 @@ def _dev_locked(loaded: Loaded, data_dir: Path, lock: DevLock) -> int:
               f"  demo diagnoses: {owned}\n"
               f"\nPaste these lines into another terminal (the tokens last 24 hours; user {owner} owns diagnosis "
               f"{first}):\n\n"
-              f"export REALTIME_URL={base}\n"
               f"export USER_TOKEN={user_token}\n"
               f"export SERVICE_TOKEN={service_token}\n", flush=True)
         return run_loop(run_server(settings, demo_tokens={"user": user_token, "service": service_token,
