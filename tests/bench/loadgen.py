@@ -312,6 +312,8 @@ def _subscriber_result(
         "duplicated": dup,
         "unexpected": unexpected,
         "incomplete_subscribers": incomplete,
+        "order_breaks": sum(s.order_breaks for s in normal),
+        "subscribers_with_order_breaks": sum(1 for s in normal if s.order_breaks),
         "ended_during_run": dict(ended),
         "alive": sum(1 for s in normal if s.alive),
         "lat": sink.lat.tobytes(),

@@ -49,7 +49,7 @@ from .stats import (
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
-SCENARIOS = ("fanout", "fanout_20", "many", "connect", "idle", "slow")
+SCENARIOS = ("fanout", "fanout_20", "many", "connect", "idle", "slow", "cluster", "workers", "redis_rtt")
 
 # user i owns diagnosis i for 1..SEED_USERS; warm-up connections use the top of the range
 SEED_USERS = 12_000
@@ -86,6 +86,9 @@ FULL: dict[str, dict[str, Any]] = {
         "slow_rcvbuf": 4096,
         "publish_connections": 8,
     },
+    "cluster": {"subscribers": 1000, "publishes": 500, "rate": None, "publish_connections": 8, "nodes": 2},
+    "workers": {"subscribers": 1000, "publishes": 500, "rate": None, "publish_connections": 8, "workers": 2},
+    "redis_rtt": {"subscribers": [2, 20, 200, 1000], "publishes": 200, "publish_connections": 4, "nodes": 2},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "fanout": {"subscribers": 100, "publishes": 100},
@@ -94,6 +97,9 @@ QUICK: dict[str, dict[str, Any]] = {
     "connect": {"connections": 300, "concurrency": 100},
     "idle": {"connections": 500, "hold_s": 3.0},
     "slow": {"subscribers": 30, "publishes": 800, "rate": 200.0},
+    "cluster": {"subscribers": 100, "publishes": 100},
+    "workers": {"subscribers": 100, "publishes": 100},
+    "redis_rtt": {"subscribers": [2, 20, 100], "publishes": 50},
 }
 
 # metric -> (operator, value); printed beside the medians
@@ -127,6 +133,16 @@ TARGETS: dict[str, dict[str, tuple[str, Any]]] = {
         "rss_flat": ("==", True),
         "others_lost": ("==", 0),
     },
+    # issue 8: at least 70 % of single-node fanout throughput, p99 within 2x, nothing lost, twice or out of order
+    "cluster": {
+        "throughput_vs_single_node": (">=", 0.7),
+        "p99_vs_single_node": ("<=", 2.0),
+        "lost": ("==", 0),
+        "duplicated": ("==", 0),
+        "order_breaks": ("==", 0),
+    },
+    "workers": {"lost": ("==", 0), "duplicated": ("==", 0), "order_breaks": ("==", 0)},
+    "redis_rtt": {"lost": ("==", 0), "duplicated": ("==", 0)},
 }
 
 
@@ -202,9 +218,12 @@ def kill_pid(pid: int, grace: float = 5.0, sig: int = signal.SIGTERM) -> None:
 class Server:
     """One `realtime-service serve` subprocess on a free loopback port."""
 
-    def __init__(self, bench: Bench, label: str) -> None:
+    def __init__(self, bench: Bench, label: str, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.bench = bench
         self.label = label
+        self.env_extra = dict(env or {})
+        self.args = args
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = bench.log_dir / f"server-{label}.log"
@@ -232,10 +251,11 @@ class Server:
             }
         )
         env.update(b.extra_env)
+        env.update(self.env_extra)
         logf = open(self.log_path, "wb")  # noqa: SIM115 - closed when the child has it
         try:
             self.proc = subprocess.Popen(
-                b.server_cmd,
+                [*b.server_cmd, *self.args],
                 env=env,
                 cwd=str(ROOT),
                 stdin=subprocess.DEVNULL,
@@ -390,6 +410,7 @@ class Bench:
         self._tokens: dict[int, str] = {}
         self.workers = max(1, args.workers)
         self.use_uvloop = not args.no_uvloop
+        self.redis: Any = None  # a private redis-server for the scale-out scenarios (cluster.py), started on demand
         self.service_token = jwt.encode(
             {
                 "sub": "bench",
@@ -459,8 +480,8 @@ class Bench:
             shutil.rmtree(self.pg_dir, ignore_errors=True)
 
     @contextlib.contextmanager
-    def server(self, label: str) -> Iterator[Server]:
-        s = Server(self, label)
+    def server(self, label: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Iterator[Server]:
+        s = Server(self, label, env, args)
         try:
             s.start()
             yield s
@@ -755,6 +776,7 @@ def run_broadcast(
         "duplicated": sum(r["duplicated"] for r in results),
         "unexpected_offsets": sum(r["unexpected"] for r in results),
         "incomplete_subscribers": sum(r["incomplete_subscribers"] for r in results),
+        "order_breaks": sum(r.get("order_breaks", 0) for r in results),
         "subscribers_closed_during_run": dict(sum((Counter(r["ended_during_run"]) for r in results), Counter())),
         "frame_bytes_avg": round(sum(r["bytes"] for r in results) / max(1, sum(r["frames"] for r in results))),
         "window_s": round(window, 3),
@@ -1001,7 +1023,17 @@ def sc_slow(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, Any]:
     }
 
 
+def sc_scaleout(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, Any]:
+    """cluster, workers and redis_rtt live in cluster.py (imported here so that cluster.py can import this)."""
+    from .cluster import RUNNERS as SCALEOUT
+
+    return SCALEOUT[name](b, p, run, name)
+
+
 RUNNERS: dict[str, Callable[[Bench, dict[str, Any], int, str], dict[str, Any]]] = {
+    "cluster": sc_scaleout,
+    "workers": sc_scaleout,
+    "redis_rtt": sc_scaleout,
     "fanout": sc_fanout,
     "fanout_20": sc_fanout,
     "many": sc_many,
@@ -1017,6 +1049,10 @@ DESCRIPTIONS = {
     "connect": "connections to distinct diagnoses (cold ownership cache), limited concurrency",
     "idle": "idle connections to distinct diagnoses held open; server RSS delta per connection",
     "slow": "fanout of ~8 KiB messages with one client that never reads (tiny SO_RCVBUF) vs a run without it",
+    "cluster": "fanout through Redis: subscribers spread over 2 nodes, publishes sent to both; paired with a "
+               "single-node in-memory fanout run of the same size",
+    "workers": "fanout through Redis to `serve --workers 2` on one port, paired with one process on Redis",
+    "redis_rtt": "Redis round trips and commands per publish as subscribers grow (2 nodes)",
 }
 
 
@@ -1118,6 +1154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=1, help="subscriber processes (default 1)")
     ap.add_argument("--no-uvloop", action="store_true", help="run the load generator on plain asyncio")
     ap.add_argument("--dsn", help="use this PostgreSQL instead of an embedded one (it is seeded!)")
+    ap.add_argument("--redis-url", help="Redis for cluster/workers/redis_rtt (default: a private redis-server)")
     ap.add_argument(
         "--server-cmd",
         help="command that runs the server (default: realtime-service serve)",
@@ -1221,6 +1258,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.alarm(0)
         b.kill_all()
+        if b.redis is not None:
+            b.redis.stop()
         b.stop_db()
         if out_file is not None and out_file.exists():
             log(f"results appended to {out_file.relative_to(ROOT)}; server logs in {b.log_dir.relative_to(ROOT)}")

@@ -200,6 +200,9 @@ class WSSubscriber(asyncio.Protocol):
         self.t_end = 0.0
         self.frames_seen = 0
         self.closing = False
+        # order check: every broadcast must be the previous one + 1, starting after the connect frame's offset
+        self.prev_offset = 0
+        self.order_breaks = 0
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -288,6 +291,8 @@ class WSSubscriber(asyncio.Protocol):
                 return
             if msg.get("type") == "connect":
                 self.connect_frame = msg
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    self.prev_offset = int(msg["data"]["offset"])
                 if not self.connected.done():
                     self.connected.set_result(msg)
                 if self.slow and self.transport is not None:
@@ -307,6 +312,10 @@ class WSSubscriber(asyncio.Protocol):
             return
         sink.frames += 1
         sink.bytes += len(payload)
+        if off != self.prev_offset + 1:
+            self.order_breaks += 1
+        if off > self.prev_offset:
+            self.prev_offset = off
         counts = self.counts
         if off >= len(counts):
             counts.extend(bytes(off - len(counts) + 64))
