@@ -92,6 +92,11 @@ def supervise(settings: Settings, sockets: Sequence[socket.socket], environ: Map
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def restart_delay(quick_deaths: int) -> float:
+    """Seconds before a restart: doubling with each death in a row that came before HEALTHY_AFTER, capped."""
+    return min(RESTART_MAX_DELAY, RESTART_FIRST_DELAY * 2 ** min(max(quick_deaths, 1) - 1, 16))
+
+
 def describe_exit(code: int) -> str:
     """`exited with code 1` or `killed by SIGKILL`, for a log line an operator reads."""
     if code < 0:
@@ -229,7 +234,7 @@ class Supervisor:
                     slot.error = (code if code > 0 else 1, "")
                 return slot
             slot.quick_deaths = slot.quick_deaths + 1 if loop.time() - started < HEALTHY_AFTER else 1
-            delay = min(RESTART_MAX_DELAY, RESTART_FIRST_DELAY * 2 ** (slot.quick_deaths - 1))
+            delay = restart_delay(slot.quick_deaths)
             log.warning("worker %d (pid %d) %s; restarting it in %.2fs", slot.index, process.pid,
                         describe_exit(code), delay,
                         extra={"worker": slot.index, "worker_pid": process.pid, "restart_in": delay})
@@ -264,7 +269,6 @@ class Supervisor:
                         "worker %d (pid %d) %s", slot.index, process.pid,
                         "ready" if not self._started else "restarted and ready",
                         extra={"worker": slot.index, "worker_pid": process.pid})
-                slot.quick_deaths = slot.quick_deaths if self._started else 0
                 slot.ready.set()
             elif kind == ERROR:
                 code, _, message = rest.partition(" ")

@@ -8,6 +8,7 @@ from anything the service says about itself. Worker pids come from the superviso
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -18,7 +19,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import Gauge
 
+from realtime_service.metrics import Metrics
+from realtime_service.supervisor import RESTART_FIRST_DELAY, RESTART_MAX_DELAY, restart_delay
 from tests.support import Client, Seeder, Tokens
 from tests.test_metrics import Scrape
 from tests.test_settings_cli import ServerProcess, cli_path, run_cli, serve_env
@@ -307,6 +311,22 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_one_line(pg_dsn: st
     assert "Traceback" not in result.stderr
     assert "listening on" not in result.stderr
     assert not list((tmp_path / "tmp").glob("realtime-metrics-*"))
+
+
+def test_a_crash_loop_backs_off_and_a_healthy_run_restarts_quickly() -> None:
+    delays = [restart_delay(n) for n in range(1, 12)]
+    assert delays[0] == RESTART_FIRST_DELAY
+    assert all(later >= earlier for earlier, later in itertools.pairwise(delays))
+    assert delays[3] == 8 * RESTART_FIRST_DELAY
+    assert max(delays) == RESTART_MAX_DELAY == restart_delay(10_000)
+
+
+def test_every_gauge_sums_over_workers_without_a_pid_label() -> None:
+    """In multiprocess mode a gauge left at prometheus-client's default ("all") gets a pid label per worker."""
+    gauges = [value for value in vars(Metrics()).values() if isinstance(value, Gauge)]
+    assert len(gauges) >= 3
+    for gauge in gauges:
+        assert gauge._multiprocess_mode not in ("all", "liveall"), gauge._name
 
 
 def test_workers_must_be_a_positive_count(pg_dsn: str, tmp_path: Path) -> None:
