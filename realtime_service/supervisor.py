@@ -94,7 +94,8 @@ def supervise(settings: Settings, sockets: Sequence[socket.socket], environ: Map
 
 def restart_delay(quick_deaths: int) -> float:
     """Seconds before a restart: doubling with each death in a row that came before HEALTHY_AFTER, capped."""
-    return min(RESTART_MAX_DELAY, RESTART_FIRST_DELAY * 2 ** min(max(quick_deaths, 1) - 1, 16))
+    doublings = min(max(quick_deaths, 1) - 1, 16)
+    return min(RESTART_MAX_DELAY, RESTART_FIRST_DELAY * float(1 << doublings))
 
 
 def describe_exit(code: int) -> str:
