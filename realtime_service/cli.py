@@ -64,6 +64,11 @@ _MIGRATE_HELP = """\
 Apply the SQL migrations shipped with the package to REALTIME_DATABASE_URL (the dev/test schema: users,
 diagnoses). Running it again changes nothing. Needs no JWT secret."""
 
+_LISTEN_HELP = """\
+Follow one diagnosis with the Python client (realtime_service.client): print each update as a JSON line as it
+arrives, reconnect and resume by itself, and on a close that ends it print `closed <code> <reason>: ...` and exit
+1. The user token comes from --token or $USER_TOKEN."""
+
 _TOKEN_HELP = """\
 Print a token signed with REALTIME_JWT_SECRET (HS256), for development and tests: a user token with
 --sub <user id>, or a service token with --scope realtime:publish. Needs no database."""
@@ -117,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="realtime:publish makes a service token (publishes to any diagnosis, owns none)")
     token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS",
                        help="seconds until the token expires, at least 1 (default 3600)")
+    listen = sub.add_parser("listen", help="print a diagnosis's updates as they arrive (the Python client)",
+                            description=_LISTEN_HELP, epilog=EPILOG, formatter_class=formatter)
+    listen.add_argument("diagnosis_id", type=int, metavar="DIAGNOSIS_ID")
+    listen.add_argument("--token", metavar="JWT",
+                        help="the user token (default $USER_TOKEN, which keeps it out of your shell history)")
+    listen.add_argument("--url", default="http://127.0.0.1:8080", metavar="URL",
+                        help="the service's base URL (default http://127.0.0.1:8080)")
+    listen.add_argument("--device", default="cli", metavar="ID",
+                        help="device id for the server's delivery cursor (default cli)")
     return parser
 
 
@@ -130,6 +144,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _migrate(args, env)
         if args.command == "serve":
             return _serve(args, env)
+        if args.command == "listen":
+            return _listen(args, env)
         return _dev(args, env)
     except ConfigError as exc:
         print(f"realtime-service {args.command}: {exc}", file=sys.stderr)
@@ -211,6 +227,17 @@ def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                           f"{DEV_FOLDER}/jwt_secret)")
     print(mint_token(secret, args.sub, args.scope, args.ttl))
     return 0
+
+
+def _listen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from realtime_service.client.listen import listen
+
+    token = args.token or env.get("USER_TOKEN", "")
+    if not token.strip():
+        raise ConfigError("a user token is needed: --token JWT, or export USER_TOKEN=...")
+    if args.diagnosis_id <= 0:
+        raise ConfigError("DIAGNOSIS_ID is a positive integer")
+    return listen(args.url, args.diagnosis_id, token.strip(), args.device)
 
 
 def _migrate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
