@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -402,3 +403,42 @@ async def servers() -> AsyncIterator[list[ServerProcess]]:
     yield started
     for server in started:
         await server.kill()
+
+
+async def test_dev_after_a_killed_dev_reuses_the_database_left_running(tmp_path: Path,
+                                                                      servers: list[ServerProcess]) -> None:
+    """A dev killed with SIGKILL leaves its PostgreSQL running; the next dev in the folder takes it over."""
+    env = clean_env()
+
+    async def start_dev() -> ServerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            cli_path(), "dev", "--port", "0", env=env, cwd=tmp_path, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        server = ServerProcess(proc, 0)
+        servers.append(server)
+        await server.wait_for(lambda text: "export SERVICE_TOKEN=" in text and "listening on" in text, "dev", 90)
+        return server
+
+    first = await start_dev()
+    await first.kill()  # SIGKILL: no chance to stop its PostgreSQL
+    second = await start_dev()
+    assert "reusing the embedded PostgreSQL left running" in second.text
+    found = re.search(r"running on (http://127\.0\.0\.1:[0-9]+) ", second.text)
+    assert found, second.text
+    async with aiohttp.ClientSession() as http, http.get(f"{found.group(1)}/healthz") as resp:
+        assert resp.status == 200
+    code, _ = await second.terminate()
+    assert code == 0
+    folder = re.search(r'embedded PostgreSQL data folder: ([^"]+)"', first.text)
+    assert folder, first.text
+    assert await asyncio.to_thread(_gone_soon, folder.group(1)), "the adopted PostgreSQL was not stopped"
+
+
+def _gone_soon(pattern: str) -> bool:
+    """No process runs on the data folder (pg_ctl stop waited; its last children get a moment to leave)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if subprocess.run(["pgrep", "-f", pattern], capture_output=True, check=False).returncode != 0:
+            return True
+        time.sleep(0.1)
+    return False
