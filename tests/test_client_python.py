@@ -320,3 +320,21 @@ async def test_publisher_gives_up_within_its_budget(service: Service) -> None:
             await rt.publish(did, "note", {})
         assert loop.time() - started < 5
     assert "3 time(s)" in str(failed.value)
+
+
+async def test_personal_messages_arrive_once_with_their_message_id(service: Service,
+                                                                   followers: list[Follower]) -> None:
+    uid, did = service.seed.owned()
+    async with Publisher(service.base_url, service.tokens.service()) as rt:
+        kept = await rt.publish(did, "nudge", {"n": 0}, user_id=uid)  # nobody connected: kept for the user
+        assert kept["offset"] is None
+        follower = follow(followers, ws_base(service), did, service.tokens.user(uid), device="py-personal")
+        await follower.wait(lambda f: len(f.items) >= 1, "the kept personal message")
+        await rt.publish(did, "nudge", {"n": 1}, user_id=uid)
+        await rt.publish(did, "broadcast", {})
+        await follower.wait(lambda f: len(f.items) >= 3, "three items")
+    assert [(i["type"], i["data"]) for i in follower.items] == [
+        ("nudge", {"n": 0}), ("nudge", {"n": 1}), ("broadcast", {})]
+    ids = [i["message_id"] for i in follower.items[:2]]
+    assert all(isinstance(i, str) and i for i in ids) and ids[0] != ids[1]
+    assert "offset" not in follower.items[0]
