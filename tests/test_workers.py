@@ -72,6 +72,11 @@ def log_lines(server: ServerProcess) -> list[dict[str, Any]]:
     return out
 
 
+def supervisor_said(server: ServerProcess, message: str) -> bool:
+    return any(line.get("logger") == "realtime.supervisor" and line["message"] == message
+               for line in log_lines(server))
+
+
 def worker_pids(server: ServerProcess) -> dict[int, int]:
     """Worker number -> pid of its current process, from the supervisor's `ready` lines."""
     pids: dict[int, int] = {}
@@ -192,6 +197,7 @@ async def test_connections_land_on_both_workers_a_publish_reaches_all_and_metric
             assert scrape.value("realtime_build_info", version="1.0.0") == 1
             assert "pid" not in scrape.label_values() and not any(
                 str(pid) in value for pid in pids.values() for value in scrape.label_values())
+
         for client in clients:
             await client.close()
 
@@ -248,8 +254,9 @@ async def test_a_killed_worker_is_restarted_and_logged_while_the_port_keeps_answ
     assert code == 0, server.text
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_sigterm_drains_every_worker_with_1012_and_exits_0(
-        pg_dsn: str, redis_url: str, tmp_path: Path, servers: list[ServerProcess]) -> None:
+        pg_dsn: str, redis_url: str, tmp_path: Path, servers: list[ServerProcess], sig: signal.Signals) -> None:
     tokens, seeder = Tokens(SECRET), Seeder(pg_dsn)
     grace = 8.0
     env = workers_env(pg_dsn, redis_url, tmp_path, REALTIME_DRAIN_PERIOD="1", REALTIME_SHUTDOWN_GRACE=str(grace))
@@ -262,13 +269,24 @@ async def test_sigterm_drains_every_worker_with_1012_and_exits_0(
         clients = await open_clients(http, server.port, did, uid, tokens, 20)
         held = accepted_sockets(server.port, list(pids.values()))
         assert all(count > 0 for count in held.values()), held
-        code, elapsed = await server.terminate(timeout=grace + 5)
-        for client in clients:
-            await client.wait_closed(timeout=5)
+        loop = asyncio.get_running_loop()
+
+        async def closed_at(client: Client) -> float:
+            await client.wait_closed(timeout=grace + 5)
+            return loop.time()
+
+        watchers = [asyncio.create_task(closed_at(client)) for client in clients]
+        started = loop.time()
+        server.proc.send_signal(sig)
+        code = await asyncio.wait_for(server.proc.wait(), grace + 5)
+        elapsed = loop.time() - started
+        close_times = await asyncio.gather(*watchers)
+        await server.wait_for(lambda _text: supervisor_said(server, "stopped"), "the supervisor's last line")
     assert code == 0, server.text
     assert elapsed < grace, f"exit took {elapsed:.2f}s, grace is {grace}s"
     for client in clients:
         assert (client.close_code, client.close_reason) == (1012, "service_restart")
+    assert max(close_times) - min(close_times) >= 0.2, "closes were not spread over the drain period"
     assert not any(alive(pid) for pid in pids.values())
     drained = [line for line in log_lines(server) if line["message"].startswith("draining ")]
     assert sorted(line["worker"] for line in drained) == [1, 2]  # each worker ran its own drain
