@@ -60,15 +60,33 @@ def configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(level)
 
 
+UNPARSED = "UNKNOWN"  # the method aiohttp gives a request it could not parse
+
+
 class RedactingAccessLogger(AbstractAccessLogger):
-    """Access log lines with the query's token replaced (the mobile client still sends `?token=`)."""
+    """Access log lines with the query's token replaced (the mobile client still sends `?token=`).
+
+    Requests aiohttp could not parse (answered 400 before any handler) are folded by `repeats` when set, as their
+    error lines are: `folding` makes the per-app class (aiohttp builds one logger per connection).
+    """
+
+    repeats: Repeats | None = None
+
+    @classmethod
+    def folding(cls, repeats: Repeats) -> type[RedactingAccessLogger]:
+        return type("FoldingAccessLogger", (cls,), {"repeats": repeats})
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        self.logger.info(
-            "%s %s %s", request.method, redact(str(request.rel_url)), response.status,
-            extra={"method": request.method, "path": redact(str(request.rel_url)), "status": response.status,
-                   "duration_ms": round(time * 1000, 2), "remote": request.remote or ""},
-        )
+        extra: dict[str, Any] = {"method": request.method, "path": redact(str(request.rel_url)),
+                                 "status": response.status, "duration_ms": round(time * 1000, 2),
+                                 "remote": request.remote or ""}
+        if request.method == UNPARSED and self.repeats is not None:
+            held = self.repeats.admit("access_unparsed")
+            if held is None:
+                return
+            if held:
+                extra["suppressed"] = held
+        self.logger.info("%s %s %s", request.method, extra["path"], response.status, extra=extra)
 
 
 class Repeats:

@@ -222,8 +222,8 @@ async def servers() -> AsyncIterator[list[ServerProcess]]:
 async def test_serve_logs_malformed_requests_at_info_without_tracebacks_and_closes_idle_sockets(
         pg_dsn: str, tmp_path: Path, servers: list[ServerProcess]) -> None:
     """The real `serve`: 12 over-long lines, 3 bad headers, 3 Content-Length + Transfer-Encoding each get 400;
-    the log has no ERROR and no traceback, and at most 5 lines per kind. A socket that sends nothing is closed
-    at REALTIME_HTTP_HEAD_TIMEOUT."""
+    the log has no ERROR and no traceback, and at most 5 lines per kind (access lines included). A socket that
+    sends nothing is closed at REALTIME_HTTP_HEAD_TIMEOUT."""
     server = await ServerProcess.start(serve_env(pg_dsn, "s" * 32, REALTIME_HTTP_HEAD_TIMEOUT="1"), tmp_path)
     servers.append(server)
     await server.ready()
@@ -255,6 +255,8 @@ async def test_serve_logs_malformed_requests_at_info_without_tracebacks_and_clos
     assert by_kind.get("BadHttpMessage", 0) >= 1, by_kind  # the bad header and CL+TE are both BadHttpMessage
     assert sum(by_kind.values()) <= 10, by_kind
     assert [e for e in lines if e.get("kind") == "head_timeout"], "the idle socket's close was not logged"
+    unparsed_access = [e for e in lines if e.get("method") == "UNKNOWN"]
+    assert 1 <= len(unparsed_access) <= 5, unparsed_access  # their access lines are folded too
 
 
 # -- finding 9: DNS rebinding -----------------------------------------------------------------------------------

@@ -30,9 +30,10 @@ LINGER = 2.0  # seconds aiohttp reads (and drops) the unread rest of a body afte
 
 def server_options(app: web.Application, settings: Settings) -> dict[str, Any]:
     """Keyword arguments for aiohttp's request handler: keep-alive, quiet client faults, redacted access log."""
+    repeats = app[STATE].repeats
     return {"keepalive_timeout": settings.http_keepalive_timeout, "lingering_time": LINGER,
-            "access_log_class": RedactingAccessLogger,
-            "logger": ServerLog(logging.getLogger("realtime.http.server"), app[STATE].repeats)}
+            "access_log_class": RedactingAccessLogger.folding(repeats),
+            "logger": ServerLog(logging.getLogger("realtime.http.server"), repeats)}
 
 
 class HeadDeadline:
