@@ -117,7 +117,10 @@ class Settings(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
                 or parts.query or parts.fragment or parts.username:
             raise ValueError(f"{value!r} is not an origin like https://realtime.example.com[:port]")
-        return value.rstrip("/").lower()
+        default = {"http": 80, "https": 443}[parts.scheme]
+        port = "" if parts.port in (None, default) else f":{parts.port}"  # browsers leave a default port out
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        return f"{parts.scheme}://{host}{port}".lower()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from realtime_service.logs import Repeats
+from realtime_service.settings import ConfigError, load_settings
 from realtime_service.web.state import STATE
 from tests.edge_support import StartEdge, close_quietly, closed_by_server, connect
 from tests.fixtures_app import StartService
@@ -319,3 +320,21 @@ async def test_console_sign_in_from_a_rebinding_origin_is_refused(start_service:
                                  allow_redirects=False) as resp:
         assert resp.status == 403
         assert "rt_console" not in resp.cookies
+
+
+# -- the settings behind it ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "origin"), [("https://X.example:443/", "https://x.example"),
+                                             ("http://a.example:8080", "http://a.example:8080"),
+                                             ("https://[::1]:8443", "https://[::1]:8443")])
+def test_public_origin_is_normalised_as_browsers_send_it(raw: str, origin: str) -> None:
+    assert load_settings({"REALTIME_PUBLIC_ORIGIN": raw}).public_origin == origin
+
+
+@pytest.mark.parametrize(("name", "raw"), [("REALTIME_PUBLIC_ORIGIN", "ftp://a.example"),
+                                           ("REALTIME_PUBLIC_ORIGIN", "https://a.example/console"),
+                                           ("REALTIME_TRUSTED_PROXIES", "10.0.0.0/8,not-a-network"),
+                                           ("REALTIME_CONNECT_RATE", "-1"), ("REALTIME_HTTP_HEAD_TIMEOUT", "0")])
+def test_bad_edge_settings_are_refused_naming_the_variable(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: raw})
