@@ -37,6 +37,7 @@ from typing import Any
 import aiopg
 import psycopg2
 
+from realtime_service.db.describe import describe_db_error, server_of
 from realtime_service.errors import OwnershipUnavailable
 
 log = logging.getLogger("realtime.replica")
@@ -90,6 +91,7 @@ class PostgresOwnership:
         self._filling: asyncio.Task[None] | None = None
         self._closed = False
         self._warned: dict[str, tuple[float, int]] = {}  # kind -> (when last logged, repeats not logged since)
+        self._server = server_of(dsn)  # host:port, for log lines (never the DSN: it may hold a password)
 
     # -- the public face -----------------------------------------------------------------------------------
 
@@ -129,21 +131,23 @@ class PostgresOwnership:
             async with asyncio.timeout(budget):
                 return await self._run(sql, params)
         except OwnershipUnavailable as exc:
-            self._warn("fast", "replica unavailable: %s", exc.message)
+            self._warn("fast", "replica at %s unavailable: %s", self._server, exc.message)
             raise
         except TimeoutError:
-            self._warn("timeout", "replica did not answer in time (connect %.1fs, statement %.1fs)",
-                       self._connect_timeout, self._statement_timeout)
+            self._warn("timeout", "replica at %s did not answer in time (connect %.1fs, statement %.1fs)",
+                       self._server, self._connect_timeout, self._statement_timeout)
             raise OwnershipUnavailable("the read replica did not answer in time") from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # we are being cancelled (the caller left, or shutdown): not the replica's doing
             # aiopg's rendering of QueryCanceledError: the server's statement_timeout fired
-            self._warn("cancelled", "replica cancelled the statement (statement_timeout)")
+            self._warn("cancelled", "replica at %s cancelled the statement (statement_timeout)", self._server)
             raise OwnershipUnavailable("the read replica did not answer in time") from None
         except (psycopg2.Error, OSError, RuntimeError) as exc:
-            self._warn(type(exc).__name__, "replica error: %s: %s", type(exc).__name__, _first_line(exc))
+            # The server's own words, one line, password masked: the class name alone says nothing.
+            self._warn(type(exc).__name__, "replica error at %s: %s: %s", self._server, type(exc).__name__,
+                       describe_db_error(exc, self._dsn))
             raise OwnershipUnavailable("the read replica is unavailable") from None
 
     def _warn(self, kind: str, message: str, *args: object) -> None:
@@ -253,9 +257,3 @@ class PostgresOwnership:
         except (psycopg2.Error, OSError, RuntimeError) as exc:
             log.debug("closing a replica connection: %s", type(exc).__name__)
         _forget_descriptor(pooled.fd)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The server's reason (host, port, why), without the DETAIL/HINT lines; libpq never includes a password."""
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
