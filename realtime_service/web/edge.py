@@ -23,7 +23,8 @@ from realtime_service.web.state import STATE
 
 log = logging.getLogger("realtime.http")
 
-SWEEP_EVERY = 0.5  # seconds between looks for connections past their head deadline
+SWEEP_EVERY = 1.0  # seconds between looks for connections past their head deadline (at most this late)
+PRUNE_EVERY = 30  # sweeps between forgetting connections that closed
 SHUTDOWN_TIMEOUT = 2.0
 LINGER = 2.0  # seconds aiohttp reads (and drops) the unread rest of a body after answering (its default: 10)
 
@@ -49,6 +50,7 @@ class HeadDeadline:
         self._timeout = timeout
         self._first_seen: dict[RequestHandler, float] = {}
         self._served: set[RequestHandler] = set()
+        self._sweeps = 0
         self._task: asyncio.Task[None] | None = None
         self._on_close = on_close
 
@@ -69,12 +71,11 @@ class HeadDeadline:
     def sweep(self, now: float) -> int:
         """Close the connections past their deadline; returns how many."""
         connections = self._server.connections
-        current = set(connections)
-        self._served &= current
+        served = self._served
         first_seen = {}
         closed = 0
         for handler in connections:
-            if handler in self._served:
+            if handler in served:
                 continue
             seen = self._first_seen.get(handler, now)
             if now - seen >= self._timeout:
@@ -83,6 +84,9 @@ class HeadDeadline:
             else:
                 first_seen[handler] = seen
         self._first_seen = first_seen
+        self._sweeps += 1
+        if self._sweeps % PRUNE_EVERY == 0:  # forget closed connections now and then, not on every sweep
+            self._served = served.intersection(connections)
         if closed and self._on_close is not None:
             self._on_close(closed)
         return closed
