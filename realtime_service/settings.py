@@ -25,9 +25,9 @@ OPTIONAL_FIELDS = frozenset({"database_url", "redis_url", "jwt_secret", "jwt_pub
                              "jwt_issuer"})
 
 
-# REALTIME_* variables that are not settings but are read by someone on purpose (the test-suite's own start with
-# REALTIME_TEST_); an unknown one is warned about, with the closest setting's name.
-KNOWN_ENV_PREFIXES = ("REALTIME_TEST_",)
+# REALTIME_* variables that are not settings but are read by someone on purpose (the test-suite's knobs start
+# with REALTIME_TEST_ or REALTIME_FUZZ_); an unknown one is warned about, with the closest setting's name.
+KNOWN_ENV_PREFIXES = ("REALTIME_TEST_", "REALTIME_FUZZ_")
 KNOWN_ENV_NAMES: frozenset[str] = frozenset()
 
 # psycopg2 placeholders: %(name)s, %s, or a literal %%.

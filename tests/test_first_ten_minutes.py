@@ -135,7 +135,8 @@ def test_service_token_may_have_any_subject(tmp_path: Path) -> None:
 
 def test_unknown_realtime_variable_warns_with_the_closest_name() -> None:
     loaded = load({"REALTIME_HEARTBEET": "5", "REALTIME_DATABSE_URL": "postgresql://x@y/z", "REALTIME_ZZZZ": "1",
-                   "REALTIME_TEST_DATABASE_URL": "postgresql://x@y/z", "REALTIME_TEST_ANYTHING": "1"})
+                   "REALTIME_TEST_DATABASE_URL": "postgresql://x@y/z", "REALTIME_TEST_ANYTHING": "1",
+                   "REALTIME_FUZZ_EXAMPLES": "50"})
     assert loaded.warnings == (
         "REALTIME_DATABSE_URL is not a setting and is ignored; did you mean REALTIME_DATABASE_URL?",
         "REALTIME_HEARTBEET is not a setting and is ignored; did you mean REALTIME_HEARTBEAT?",
