@@ -95,7 +95,7 @@ class RedisProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: LOADING the append-only file
                 if self.command("PING") == "PONG":
                     return
             time.sleep(0.03)
