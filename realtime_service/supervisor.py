@@ -219,7 +219,15 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
             started = loop.time()
-            process = await self._spawn(slot)
+            try:
+                process = await self._spawn(slot)
+            except OSError as exc:  # no process at all (out of memory, of file descriptors, ...)
+                slot.error = (1, f"cannot start worker {slot.index}: {exc}")
+                if not self._started:
+                    return slot
+                log.error("%s", slot.error[1], extra={"worker": slot.index})
+                await self._pause_before_restart(slot, quick=True)
+                continue
             reader = asyncio.create_task(self._read_reports(slot, process))
             code = await process.wait()
             await reader
@@ -234,14 +242,22 @@ class Supervisor:
                 if slot.error is None:  # it died without saying why (a traceback on stderr, or a signal)
                     slot.error = (code if code > 0 else 1, "")
                 return slot
-            slot.quick_deaths = slot.quick_deaths + 1 if loop.time() - started < HEALTHY_AFTER else 1
-            delay = restart_delay(slot.quick_deaths)
-            log.warning("worker %d (pid %d) %s; restarting it in %.2fs", slot.index, process.pid,
-                        describe_exit(code), delay,
-                        extra={"worker": slot.index, "worker_pid": process.pid, "restart_in": delay})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), delay)
+            await self._pause_before_restart(slot, quick=loop.time() - started < HEALTHY_AFTER,
+                                             announce=(process.pid, code))
         return None
+
+    async def _pause_before_restart(self, slot: _Slot, quick: bool, announce: tuple[int, int] | None = None
+                                    ) -> float:
+        """Wait the backoff (or until the stop); `announce` (pid, exit code) logs the death first."""
+        slot.quick_deaths = slot.quick_deaths + 1 if quick else 1
+        delay = restart_delay(slot.quick_deaths)
+        if announce is not None:
+            pid, code = announce
+            log.warning("worker %d (pid %d) %s; restarting it in %.2fs", slot.index, pid, describe_exit(code), delay,
+                        extra={"worker": slot.index, "worker_pid": pid, "restart_in": delay})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), delay)
+        return delay
 
     async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
         slot.ready.clear()
