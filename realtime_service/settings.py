@@ -127,6 +127,24 @@ class Settings(BaseModel):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("database_url")
+    @classmethod
+    def _libpq_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        # Checked here, not at the first connect: libpq's own message quotes the DSN, password and all.
+        if value is None:
+            return None
+        from psycopg2.extensions import parse_dsn
+
+        try:
+            parts = parse_dsn(value.get_secret_value())
+        except Exception:  # psycopg2.ProgrammingError; its text would quote the secret
+            raise ValueError("not a PostgreSQL DSN: write postgresql://user:password@host:5432/dbname "
+                             "(or libpq's key=value form)") from None
+        port = parts.get("port")
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError("the DSN's port is not a number between 1 and 65535")
+        return value
+
     @field_validator("ownership_query")
     @classmethod
     def _one_placeholder(cls, value: str) -> str:

@@ -443,3 +443,11 @@ def _gone_soon(pattern: str) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@pytest.mark.parametrize("dsn", ["replica.internal:5432", "postgresql://ro:s3cr3t-pw@replica:port/app"])
+def test_a_database_url_that_is_no_dsn_is_refused_without_showing_it(tmp_path: Path, dsn: str) -> None:
+    result = run_cli("migrate", env=clean_env(REALTIME_DATABASE_URL=dsn), cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_line_error(result, "REALTIME_DATABASE_URL", "in the environment")
+    assert "s3cr3t-pw" not in line and "replica" not in line
