@@ -1,11 +1,13 @@
 """Helpers for the client-library tests: a service that can be stopped and started again on the same port,
-keeping its broker (history kept) or getting a new one (history lost), and a TCP proxy that loses answers."""
+keeping its broker or getting a new one (history lost); a real `serve` process on Redis restarted with its
+history kept; and a TCP proxy that loses answers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from realtime_service.broker.memory import MemoryBroker
 from realtime_service.web.app import create_app
 from realtime_service.web.state import STATE
+from tests.cluster import NodeProcess, node_env, unique_prefix
 from tests.fixtures_app import make_settings
 
 WAIT = 10.0
@@ -140,3 +143,28 @@ class LosingProxy:
             await pipe(up_reader, writer)
         finally:
             upstream.cancel()
+
+
+class ServeProcess:
+    """A real `realtime-service serve` process on the Redis broker, restartable on the same port: SIGTERM
+    drains (every client closed 1012), the next start finds the history in Redis. This is the deploy the
+    clients must ride out with no gap and no duplicate."""
+
+    def __init__(self, pg_dsn: str, redis_url: str, log_dir: Path, **overrides: Any) -> None:
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.ws_base = f"ws://127.0.0.1:{port}"
+        overrides.setdefault("allowed_origins", self.base_url)
+        env = node_env(dsn=pg_dsn, redis_url=redis_url, prefix=unique_prefix("cl"), port=port, **overrides)
+        self.node = NodeProcess("client-node", env, log_dir)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.node.start)  # blocking waits off the loop: clients keep running
+
+    async def stop(self) -> None:
+        code = await asyncio.to_thread(self.node.terminate)
+        assert code == 0, f"serve exited {code}:\n{self.node.log_tail()}"
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()

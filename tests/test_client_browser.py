@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +17,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from realtime_service.client import policy
-from tests.client_support import RestartableService
+from tests.client_support import RestartableService, ServeProcess
 from tests.support import Seeder, Tokens
 from tests.test_console_browser import CHROMIUM_ARGS, Watch, assert_no_token_anywhere, chromium_path
 
@@ -66,7 +67,7 @@ async def services(pg_dsn: str) -> AsyncIterator[Callable[..., Any]]:
 class Tab:
     """One page running the module; `log` is what the callbacks saw."""
 
-    def __init__(self, page: Page, service: RestartableService, token: Callable[[], str]) -> None:
+    def __init__(self, page: Page, service: RestartableService | ServeProcess, token: Callable[[], str]) -> None:
         self.page = page
         self.service = service
         self.token = token
@@ -114,7 +115,8 @@ def states(log: list[dict[str, Any]]) -> list[str]:
     return [e["value"]["state"] for e in log if e["kind"] == "state"]
 
 
-async def publish(service: RestartableService, tokens: Tokens, did: int, type_: str, data: Any) -> dict[str, Any]:
+async def publish(service: RestartableService | ServeProcess, tokens: Tokens, did: int, type_: str,
+                  data: Any) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http, http.post(
             f"{service.base_url}/api/v1/publish", json={"diagnosis_id": did, "type": type_, "data": data},
             headers={"Authorization": f"Bearer {tokens.service()}"}) as resp:
@@ -297,31 +299,37 @@ async def test_module_receives_acks_and_keeps_tokens_out_of_urls_storage_and_dom
 
 
 async def test_restart_with_history_kept_gives_no_gap_and_no_duplicate(
-        services: Callable[..., Any], browser: Browser, seed: Seeder, tokens: Tokens) -> None:
-    service = await services()
-    uid, did = seed.owned()
-    tab = Tab(await browser.new_page(), service, lambda: tokens.user(uid))
-    await tab.open(did)
-    await tab.wait_live()
-    for n in range(3):
-        await publish(service, tokens, did, "before", {"n": n})
-    await tab.wait_offsets([1, 2, 3])
-    await service.stop()  # drain: 1012 to the tab, then nobody listens for a moment
-    await tab.wait(lambda log: any(e["kind"] == "state" and e["value"].get("code") == 1012 for e in log), "1012")
-    await service.start()  # the same broker: history kept
-    for n in range(3, 6):
-        await publish(service, tokens, did, "while_away", {"n": n})
-    await tab.wait_live(2)
-    for n in range(6, 8):
-        await publish(service, tokens, did, "after", {"n": n})
-    await tab.wait_offsets(list(range(1, 9)))
-    assert [m["data"]["n"] for m in await tab.messages()] == list(range(8))
-    log = await tab.log()
-    assert not [e for e in log if e["kind"] in ("lost", "error")]
-    reconnecting = [e["value"] for e in log if e["kind"] == "state" and e["value"]["state"] == "reconnecting"]
-    assert reconnecting[0]["code"] == 1012 and reconnecting[0]["delay"] == 0  # at once after service_restart
-    assert all(isinstance(r["delay"], int) for r in reconnecting)
-    await tab.page.close()
+        pg_dsn: str, redis_url: str, tmp_path: Path, browser: Browser, seed: Seeder, tokens: Tokens) -> None:
+    """A deploy: the `serve` process on Redis is stopped (SIGTERM drains: 1012) and started again; publishes go
+    on while it is down and after. The page gets every offset once, in order."""
+    service = ServeProcess(pg_dsn, redis_url, tmp_path)
+    await service.start()
+    try:
+        uid, did = seed.owned()
+        tab = Tab(await browser.new_page(), service, lambda: tokens.user(uid))
+        await tab.open(did)
+        await tab.wait_live()
+        for n in range(3):
+            await publish(service, tokens, did, "before", {"n": n})
+        await tab.wait_offsets([1, 2, 3])
+        await service.stop()
+        await tab.wait(lambda log: any(e["kind"] == "state" and e["value"].get("code") == 1012 for e in log),
+                       "1012")
+        await service.start()  # the same Redis: history kept
+        for n in range(3, 6):
+            await publish(service, tokens, did, "while_away", {"n": n})
+        await tab.wait_live(2)
+        for n in range(6, 8):
+            await publish(service, tokens, did, "after", {"n": n})
+        await tab.wait_offsets(list(range(1, 9)))
+        assert [m["data"]["n"] for m in await tab.messages()] == list(range(8))
+        log = await tab.log()
+        assert not [e for e in log if e["kind"] in ("lost", "error")]
+        reconnecting = [e["value"] for e in log if e["kind"] == "state" and e["value"]["state"] == "reconnecting"]
+        assert reconnecting[0]["code"] == 1012 and reconnecting[0]["delay"] == 0  # at once after service_restart
+        await tab.page.close()
+    finally:
+        await service.stop()
 
 
 async def test_restart_that_loses_history_calls_on_history_lost_first(

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,7 +31,7 @@ from realtime_service.client import (
     policy,
     subscribe,
 )
-from tests.client_support import LosingProxy, RestartableService, free_port
+from tests.client_support import LosingProxy, RestartableService, ServeProcess, free_port
 from tests.fixtures_app import Service, StartService
 from tests.support import Seeder, Tokens
 
@@ -160,32 +161,35 @@ async def test_subscribe_receives_in_order_and_acks(service: Service, followers:
 
 
 async def test_restart_with_history_kept_gives_no_gap_and_no_duplicate(
-        pg_dsn: str, seed: Seeder, tokens: Tokens, followers: list[Follower]) -> None:
-    service = RestartableService(pg_dsn)
+        pg_dsn: str, redis_url: str, tmp_path: Path, seed: Seeder, tokens: Tokens,
+        followers: list[Follower]) -> None:
+    """A deploy: the `serve` process on Redis is stopped (SIGTERM drains: 1012) and started again; publishes go
+    on while it is down and after. The subscription hands over every offset once, in order."""
+    service = ServeProcess(pg_dsn, redis_url, tmp_path)
     await service.start()
+    uid, did = seed.owned()
     try:
-        uid, did = seed.owned()
-        publisher = Publisher(service.base_url, tokens.service())
-        follower = follow(followers, service.ws_base, did, tokens.user(uid))
-        await follower.wait(lambda f: f.lives() == 1, "live")
-        for n in range(3):
-            await publisher.publish(did, "before", {"n": n})
-        await follower.wait_offsets([1, 2, 3])
+        async with Publisher(service.base_url, tokens.service()) as publisher:
+            follower = follow(followers, service.ws_base, did, tokens.user(uid))
+            await follower.wait(lambda f: f.lives() == 1, "live")
+            for n in range(3):
+                await publisher.publish(did, "before", {"n": n})
+            await follower.wait_offsets([1, 2, 3])
 
-        await service.stop()  # drains: the client is closed 1012 and finds nobody listening for a while
-        await follower.wait(lambda f: any(s.code == 1012 for s in f.states), "a 1012 close")
-        await service.start()  # same broker: history kept
-        for n in range(3, 6):
-            await publisher.publish(did, "while_away", {"n": n})  # most of these land before the reconnect
-        await follower.wait(lambda f: f.lives() == 2, "the second connection")
-        for n in range(6, 8):
-            await publisher.publish(did, "after", {"n": n})
-        await follower.wait_offsets(list(range(1, 9)))
+            await service.stop()
+            await follower.wait(lambda f: any(s.code == 1012 for s in f.states), "a 1012 close")
+            await service.start()  # the same Redis: history kept
+            for n in range(3, 6):
+                await publisher.publish(did, "while_away", {"n": n})  # most land before the reconnect
+            await follower.wait(lambda f: f.lives() == 2, "the second connection")
+            for n in range(6, 8):
+                await publisher.publish(did, "after", {"n": n})
+            await follower.wait_offsets(list(range(1, 9)))
         assert [i["data"]["n"] for i in follower.items] == list(range(8))
         assert not any(isinstance(i, HistoryLost) for i in follower.items)
-        await publisher.close()
+        assert len({i["epoch"] for i in follower.items}) == 1
     finally:
-        await service.stop(drain=False)
+        await service.stop()
 
 
 async def test_restart_that_loses_history_yields_history_lost_first(
