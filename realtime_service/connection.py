@@ -33,9 +33,27 @@ class Phase(enum.Enum):
 class Connection:
     """A subscriber of one diagnosis."""
 
-    __slots__ = ("awaiting_pong", "close_reason", "device", "diagnosis_id", "epoch", "expires_at", "highest_sent",
-                 "outbox", "pending", "phase", "ping_marks", "ping_seq", "session", "subscribed", "transport",
-                 "user_id", "written_offset")
+    __slots__ = (
+        "awaiting_pong",
+        "close_reason",
+        "confirm_next",
+        "confirming",
+        "device",
+        "diagnosis_id",
+        "epoch",
+        "expires_at",
+        "highest_sent",
+        "outbox",
+        "pending",
+        "phase",
+        "ping_marks",
+        "ping_seq",
+        "session",
+        "subscribed",
+        "transport",
+        "user_id",
+        "written_offset",
+    )
 
     def __init__(self, session: str, diagnosis_id: int, user_id: int, device: str, outbox: Outbox,
                  transport: Transport, expires_at: float) -> None:
@@ -56,6 +74,8 @@ class Connection:
         self.awaiting_pong = False
         self.close_reason: CloseReason | None = None
         self.subscribed = False  # holds one reference on the broker's subscription to its diagnosis
+        self.confirming: object | None = None  # the cursor write under way (the node's task), if any
+        self.confirm_next = 0  # the highest offset confirmed while that write was under way
 
     def deliver(self, frame: bytes, offset: int | None) -> bool:
         """Hand a live frame over, already WebSocket-framed (`wsframe.text`); False when closed or overflowing."""

@@ -22,6 +22,7 @@ from typing import Any
 from realtime_service.auth.ownership import OwnershipChecker
 from realtime_service.auth.tokens import Principal, TokenVerifier
 from realtime_service.broker.base import Broker, Publication
+from realtime_service.cluster import Cluster, LocalCluster, Revoke, decode_control
 from realtime_service.connection import Connection, Phase
 from realtime_service.errors import (
     BodyTooLarge,
@@ -76,21 +77,25 @@ class Node:
     """One node's realtime core."""
 
     def __init__(self, broker: Broker, ownership: OwnershipChecker, verifier: TokenVerifier, metrics: Metrics,
-                 limits: Limits) -> None:
+                 limits: Limits, cluster: Callable[[Hub], Cluster] | None = None) -> None:
         self.broker = broker
         self.ownership = ownership
         self.verifier = verifier
         self.metrics = metrics
         self.limits = limits
         self.hub = Hub()
+        self.cluster: Cluster = (cluster or (lambda hub: LocalCluster(hub, uuid.uuid4().hex[:12])))(self.hub)
         self.draining = False
         self._delivered: dict[tuple[int, int], int] = {}
         self._idempotency_inflight: dict[tuple[str, str], tuple[str, asyncio.Future[bytes]]] = {}
         self._inflight_publishes = 0
         self._publishes_done = asyncio.Event()
         self._publishes_done.set()
+        self._background: set[asyncio.Task[None]] = set()
         broker.set_handler(self._on_publication)
         broker.set_lost_handler(self._on_lost)
+        broker.set_control_handler(self._on_control)
+        broker.set_personal_handler(self._on_personal)
         metrics.track_outbox_bytes(self._outbox_bytes)
 
     # -- fan-out -------------------------------------------------------------------------------
@@ -110,6 +115,50 @@ class Node:
         for conn in self.hub.connections(diagnosis_id):
             if epoch is None or conn.epoch != epoch:
                 conn.close(CloseReason.SERVICE_RESTART)
+
+    def _on_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, frame: bytes,
+                     origin: str) -> None:
+        """A personal message another node published for a user it saw connected here."""
+        if origin == self.cluster.node_id:
+            return
+        delivered = self.hub.fanout(diagnosis_id, frame, None, exclude_session, user_id)
+        self.metrics.deliveries.inc(delivered)
+        if delivered == 0 and not self._has_live(diagnosis_id, user_id):
+            # that connection left meanwhile: keep the message for the user's next connection (PROTOCOL 3.8)
+            task = asyncio.create_task(self.broker.push_personal(diagnosis_id, user_id, frame))
+            self._background.add(task)
+            task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:  # for tasks whose failure is worth a line
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a personal message could not be kept: %s", task.exception())
+
+    def _has_live(self, diagnosis_id: int, user_id: int) -> bool:
+        return any(c.user_id == user_id and c.phase is not Phase.CLOSED for c in self.hub.connections(diagnosis_id))
+
+    def _on_control(self, message: bytes) -> None:
+        revoke = decode_control(message)
+        if revoke is None or revoke.origin == self.cluster.node_id:
+            return
+        self.ownership.forget(revoke.diagnosis_id)
+        self._close_revoked(revoke)
+
+    def _close_revoked(self, revoke: Revoke) -> int:
+        closed = 0
+        for conn in self.hub.connections(revoke.diagnosis_id):
+            if revoke.user_id is not None and conn.user_id != revoke.user_id:
+                continue
+            if revoke.unavailable:
+                conn.close(CloseReason.OWNERSHIP_UNAVAILABLE)  # fail closed: checked afresh on reconnect
+            elif revoke.owner is None:
+                conn.close(CloseReason.DIAGNOSIS_NOT_FOUND)
+            elif conn.user_id != revoke.owner:
+                conn.close(CloseReason.FORBIDDEN)
+            else:
+                continue
+            closed += 1
+        return closed
 
     def _outbox_bytes(self) -> float:
         return float(sum(conn.outbox.bytes for conn in self.hub.all()))
@@ -136,6 +185,7 @@ class Node:
         self.metrics.connections.set(self.hub.count)
         conn.subscribed = True  # one reference per connection: the broker subscribes on the first
         await self.broker.subscribe(diagnosis_id)
+        await self.cluster.joined(diagnosis_id)
         # A revoke that ran while this connection was being admitted could not see it (not yet registered):
         # check again, now that any later revoke will.
         if (admitted_in is not None and admitted_in != self.ownership.generation
@@ -173,7 +223,8 @@ class Node:
         conn.go_live(first, position.offset)
 
     async def detach(self, conn: Connection) -> None:
-        self.hub.remove(conn)
+        if self.hub.remove(conn) or self.hub.connections(conn.diagnosis_id):
+            self.cluster.changed(conn.diagnosis_id)
         self.metrics.connections.set(self.hub.count)
         if conn.subscribed:
             conn.subscribed = False
@@ -183,19 +234,43 @@ class Node:
                 log.warning("unsubscribe failed for a diagnosis", exc_info=True)
 
     async def confirm(self, conn: Connection, offset: int) -> None:
-        """The client has everything up to `offset` (ack, or a PONG after those frames were written)."""
+        """The client has everything up to `offset` (ack, or a PONG after those frames were written).
+
+        The cursor is written in the background, one write per connection at a time (later confirmations
+        coalesce): a slow or paused broker must not stall the reader, or its PONGs would go unread and the
+        connection would be dropped as silent.
+        """
         offset = min(offset, conn.highest_sent)
         if offset <= 0 or not conn.epoch:
             return
+        if conn.confirming is not None:
+            conn.confirm_next = max(conn.confirm_next, offset)
+            return
+        task = asyncio.create_task(self._write_cursor(conn, offset))
+        conn.confirming = task
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write_cursor(self, conn: Connection, offset: int) -> None:
         try:
-            await self.broker.confirm(conn.diagnosis_id, conn.user_id, conn.device, offset, conn.epoch)
-        except BrokerUnavailable:
-            # The connection stays open (PROTOCOL 5.3); the cursor moves with the next confirmation instead.
-            log.debug("cursor not moved: the broker is unavailable")
+            while True:
+                try:
+                    await self.broker.confirm(conn.diagnosis_id, conn.user_id, conn.device, offset, conn.epoch)
+                except BrokerUnavailable:
+                    # The connection stays open (PROTOCOL 5.3); the cursor moves with the next confirmation.
+                    log.debug("cursor not moved: the broker is unavailable")
+                following, conn.confirm_next = conn.confirm_next, 0
+                if following <= offset:
+                    return
+                offset = following
+        finally:
+            conn.confirming = None
 
     def heartbeat_tick(self) -> None:
         """Drop connections that did not answer the previous PING; PING the rest (PROTOCOL 3.6)."""
         for conn in self.hub.all():
+            if conn.phase is Phase.SYNCING:
+                continue  # not live yet (its reader starts after the replay); attach has its own time bounds
             if conn.awaiting_pong:
                 conn.close(CloseReason.HEARTBEAT_TIMEOUT)
             else:
@@ -226,11 +301,16 @@ class Node:
         target = body.personal_user()
         if target is not None:
             frame = frames.personal_frame(body.frame_type(), diagnosis_id, target, body.frame_data())
-            delivered = self.hub.fanout(diagnosis_id, frame, None, body.exclude_session, target)
-            if delivered == 0 and not any(c.user_id == target and c.phase is not Phase.CLOSED
-                                          for c in self.hub.connections(diagnosis_id)):
-                await self.broker.push_personal(diagnosis_id, target, frame)
+            # Every broker step first: if one fails (503), nothing of the message went anywhere.
             position = await self.broker.position(diagnosis_id)
+            here = self._has_live(diagnosis_id, target)
+            elsewhere = await self.cluster.user_elsewhere(diagnosis_id, target)
+            if elsewhere:
+                await self.broker.publish_personal(diagnosis_id, target, body.exclude_session, frame,
+                                                   self.cluster.node_id)
+            elif not here:
+                await self.broker.push_personal(diagnosis_id, target, frame)
+            delivered = self.hub.fanout(diagnosis_id, frame, None, body.exclude_session, target)
             self.metrics.publishes.labels("personal").inc()
             self.metrics.deliveries.inc(delivered)
             return PublishResult(diagnosis_id=diagnosis_id, offset=None, epoch=position.epoch, delivered=delivered)
@@ -298,27 +378,26 @@ class Node:
 
     # -- read endpoints --------------------------------------------------------------------------
     async def status(self, detail: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"connections": self.hub.count, "diagnoses": self.hub.diagnosis_count,
+        """Totals over every live node (PROTOCOL 5.2); with `detail`, per diagnosis too."""
+        connections, diagnoses, per_users = await self.cluster.totals()
+        body: dict[str, Any] = {"connections": connections, "diagnoses": len(diagnoses),
                                 "retained_messages": await self.broker.retained_count()}
         if detail:
             per: dict[str, Any] = {}
-            for diagnosis_id in self.hub.diagnoses():
-                conns = self.hub.connections(diagnosis_id)
+            for diagnosis_id in sorted(diagnoses):
+                users = per_users.get(diagnosis_id, {})
                 position = await self.broker.position(diagnosis_id)
-                per[str(diagnosis_id)] = {"connections": len(conns), "users": len({c.user_id for c in conns}),
-                                          "offset": position.offset}
+                per[str(diagnosis_id)] = {"connections": sum(count for count, _ in users.values()),
+                                          "users": len(users), "offset": position.offset}
             body["per_diagnosis"] = per
         return body
 
     async def presence(self, diagnosis_id: int) -> dict[str, Any]:
         await self.ownership.require_exists(diagnosis_id)
-        users: dict[int, dict[str, Any]] = {}
-        for conn in self.hub.connections(diagnosis_id):
-            entry = users.setdefault(conn.user_id, {"user_id": conn.user_id, "connections": 0, "devices": []})
-            entry["connections"] += 1
-            if conn.device not in entry["devices"]:
-                entry["devices"].append(conn.device)
-        return {"diagnosis_id": diagnosis_id, "users": sorted(users.values(), key=lambda u: u["user_id"])}
+        users = await self.cluster.users(diagnosis_id)
+        return {"diagnosis_id": diagnosis_id,
+                "users": [{"user_id": user, "connections": count, "devices": devices}
+                          for user, (count, devices) in sorted(users.items())]}
 
     async def deliveries(self, diagnosis_id: int) -> dict[str, Any]:
         await self.ownership.require_exists(diagnosis_id)
@@ -331,26 +410,29 @@ class Node:
                 "devices": devices}
 
     async def revoke(self, diagnosis_id: int, user_id: int | None) -> dict[str, Any]:
-        """Forget the cached decision and close the connections the replica no longer allows."""
+        """Forget the cached decision and close the connections the replica no longer allows, on every node."""
         self.ownership.forget(diagnosis_id)
-        targets = [c for c in self.hub.connections(diagnosis_id) if user_id is None or c.user_id == user_id]
         try:
             owner = await self.ownership.owner_of(diagnosis_id)
         except OwnershipUnavailable:
-            for conn in targets:  # fail closed: they reconnect and are checked afresh
-                conn.close(CloseReason.OWNERSHIP_UNAVAILABLE)
+            decision = Revoke(self.cluster.node_id, diagnosis_id, user_id, None, unavailable=True)
+            self._close_revoked(decision)
+            await self._announce(decision)
             raise
-        closed = 0
-        for conn in targets:
-            if owner is None:
-                conn.close(CloseReason.DIAGNOSIS_NOT_FOUND)
-                closed += 1
-            elif conn.user_id != owner:
-                conn.close(CloseReason.FORBIDDEN)
-                closed += 1
+        decision = Revoke(self.cluster.node_id, diagnosis_id, user_id, owner)
+        closed = self._close_revoked(decision)
+        await self._announce(decision)
         if owner is None:
             await self.ownership.require_exists(diagnosis_id)
         return {"diagnosis_id": diagnosis_id, "closed": closed}
+
+    async def _announce(self, revoke: Revoke) -> None:
+        try:
+            await self.broker.publish_control(revoke.encode())
+        except BrokerUnavailable:
+            # This node closed its own; other nodes' caches expire within ownership_cache_ttl and their
+            # connections are not closed: tell the caller, who retries.
+            raise BrokerUnavailable("closed here, but the other nodes could not be told; retry the revoke") from None
 
     # -- shutdown ------------------------------------------------------------------------------
     async def drain(self, period: float) -> None:

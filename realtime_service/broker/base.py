@@ -59,6 +59,8 @@ PublicationHandler = Callable[[Publication], None]
 # (diagnosis id, the epoch now current, or None for every connection): live history was interrupted
 LostHandler = Callable[[int, str | None], None]
 ControlHandler = Callable[[bytes], None]
+# (diagnosis id, user id, exclude_session, frame, origin node) of a personal message another node published
+PersonalHandler = Callable[[int, int, str | None, bytes, str], None]
 
 
 class Broker(Protocol):
@@ -91,6 +93,13 @@ class Broker(Protocol):
 
     def set_control_handler(self, handler: ControlHandler) -> None:
         """Where control messages of other nodes go (revoke)."""
+
+    def set_personal_handler(self, handler: PersonalHandler) -> None:
+        """Where personal messages published on other nodes go, for subscribed diagnoses."""
+
+    async def publish_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, frame: bytes,
+                               origin: str) -> None:
+        """Hand a personal message to the other nodes serving the diagnosis (no-op on one node)."""
 
     async def publish_control(self, message: bytes) -> None:
         """Send a control message to every other node (no-op on one node)."""

@@ -25,6 +25,7 @@ from realtime_service.broker.base import (
     ControlHandler,
     History,
     LostHandler,
+    PersonalHandler,
     Publication,
     PublicationHandler,
     StreamPosition,
@@ -69,6 +70,7 @@ class FeedSet:
         self.feeds: dict[int, Feed] = {}
         self.on_publication: PublicationHandler = lambda publication: None
         self.on_lost: LostHandler = lambda diagnosis_id, epoch: None
+        self.on_personal: PersonalHandler = lambda diagnosis_id, user_id, exclude, frame, origin: None
         self._fill_source = fill_source
         self._position_source = position_source
         self._events = events
@@ -286,6 +288,8 @@ class PubSubLink:
         self._channel_prefix = f"{keys.prefix}:ch:".encode()
         self._control = keys.control().encode()
         self._last_seen = 0.0
+        self._down_since: float | None = None  # loop time the link was last lost (None while it is up)
+        self._wake = asyncio.Event()  # cuts a reconnect backoff short (Redis answered on another connection)
         self.connected = asyncio.Event()
 
     def start(self) -> None:
@@ -305,11 +309,19 @@ class PubSubLink:
         if feed.ready.done():
             feed.ready.result()
             return
+        loop = asyncio.get_running_loop()
+        if self._down_since is not None and loop.time() - self._down_since > self._timeout:
+            self._events("error", "subscribe")  # known to be down for a while: say so at once
+            raise BrokerUnavailable("the broker is unavailable")
         try:
             await asyncio.wait_for(asyncio.shield(feed.ready), self._timeout)
         except TimeoutError:
             self._events("error", "subscribe")
             raise BrokerUnavailable("the broker did not confirm the subscription in time") from None
+
+    def wake(self) -> None:
+        """Redis answers again: reconnect now rather than at the end of the backoff."""
+        self._wake.set()
 
     def unsubscribe(self, diagnosis_id: int) -> None:
         if self._feeds.remove(diagnosis_id):
@@ -345,6 +357,8 @@ class PubSubLink:
             finally:
                 self._queue = None
                 self.connected.clear()
+                if self._down_since is None:
+                    self._down_since = loop.time()
                 if session is not None and not session.done():
                     session.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -352,7 +366,9 @@ class PubSubLink:
                 with contextlib.suppress(Exception):
                     await conn.disconnect()
             self._events("reconnect", "")
-            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, 2.0)
 
     async def _watch(self, session: asyncio.Task[None], backoff: float) -> float:
@@ -439,6 +455,7 @@ class PubSubLink:
             return
         if channel == self._control:
             self.connected.set()
+            self._down_since = None
             return
         if channel.startswith(self._channel_prefix):
             self._feeds.confirmed(int(channel[len(self._channel_prefix):]))
@@ -455,6 +472,11 @@ class PubSubLink:
         try:
             offset, epoch, exclude, body = data.split(b"\n", 3)
             diagnosis_id = int(channel[len(self._channel_prefix):])
+            if offset == b"0":  # a personal message: epoch carries the origin node, exclude "user|session"
+                user, _, session = exclude.partition(b"|")
+                if diagnosis_id in self._feeds.feeds:
+                    self._feeds.on_personal(diagnosis_id, int(user), session.decode() or None, body, epoch.decode())
+                return
             self._feeds.arrive(diagnosis_id, int(offset), epoch.decode(), exclude.decode() or None, body)
         except ValueError:
             log.warning("broker pub/sub: a malformed message on %r was dropped", channel)

@@ -16,6 +16,7 @@ from realtime_service.broker.base import (
     History,
     IdempotencyRecord,
     LostHandler,
+    PersonalHandler,
     Publication,
     PublicationHandler,
     StreamPosition,
@@ -76,6 +77,13 @@ class MemoryBroker:
         return None  # one process: history is never interrupted while it runs
 
     def set_control_handler(self, handler: ControlHandler) -> None:
+        return None
+
+    def set_personal_handler(self, handler: PersonalHandler) -> None:
+        return None
+
+    async def publish_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, frame: bytes,
+                               origin: str) -> None:
         return None
 
     async def publish_control(self, message: bytes) -> None:

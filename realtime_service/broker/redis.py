@@ -9,6 +9,7 @@ Imported only when REALTIME_REDIS_URL is set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -19,8 +20,10 @@ from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from realtime_service.broker.base import (
     ControlHandler,
@@ -28,6 +31,7 @@ from realtime_service.broker.base import (
     History,
     IdempotencyRecord,
     LostHandler,
+    PersonalHandler,
     Publication,
     PublicationHandler,
     StreamPosition,
@@ -39,7 +43,8 @@ from realtime_service.protocol.frames import with_position
 log = logging.getLogger("realtime.broker")
 
 MAX_DEVICES_PER_USER = 64
-SCRIPTS = ("publish", "position", "history", "retained", "cursor", "inbox", "idempotency")
+PUBLISH_ID_TTL_MS = 10_000  # a retried publish comes within the publish deadline; remember its id a while longer
+SCRIPTS = ("publish", "position", "history", "retained", "cursor", "inbox", "idempotency", "beat", "live_nodes")
 Events = Callable[[str, str], None]  # (event, detail): errors, reconnects, gap fills, catch-ups for metrics
 
 
@@ -76,6 +81,9 @@ class Keys:
 
     def inbox(self, diagnosis_id: int, user_id: int) -> str:
         return f"{self.tag(diagnosis_id)}:inbox:{user_id}"
+
+    def publish_id(self, diagnosis_id: int, publish_id: str) -> str:
+        return f"{self.tag(diagnosis_id)}:publish:{publish_id}"
 
     def channel(self, diagnosis_id: int) -> str:
         return f"{self.prefix}:ch:{diagnosis_id}"
@@ -121,14 +129,17 @@ class RedisBroker:
         self._history_ttl = history_ttl
         self._inbox_size = inbox_size
         self._idempotency_ttl = idempotency_ttl
-        self._timeout = timeout
+        self.timeout = timeout
         self._clock = clock
         self._events: Events = events or (lambda event, detail: None)
-        # No retries inside redis-py: a retried publish could run twice; every caller here decides itself.
+        # A command is retried twice on a broken connection (a pooled one from before a Redis restart). Every
+        # script is safe to run twice: a publish carries its own id and answers a retry with the first result.
+        retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 2,
+                      supported_errors=(RedisConnectionError, RedisTimeoutError))
         self.client: redis.Redis = redis.Redis.from_url(
-            url, socket_timeout=timeout + 1.0, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+            url, socket_timeout=timeout + 1.0, socket_connect_timeout=timeout, retry=retry,
             health_check_interval=0, max_connections=64)
-        self._scripts = Scripts(self.client)
+        self.scripts = Scripts(self.client)
         self.feeds = FeedSet(self.keys, self._fill_source, self._position_source, self._events,
                              fill_after=0.15, timeout=timeout)
         self._link = PubSubLink(self.client, self.keys, self.feeds, self._events, timeout=timeout)
@@ -143,28 +154,40 @@ class RedisBroker:
     def set_control_handler(self, handler: ControlHandler) -> None:
         self._link.on_control = handler
 
+    def set_personal_handler(self, handler: PersonalHandler) -> None:
+        self.feeds.on_personal = handler
+
     async def start(self) -> None:
         self._link.start()
+        with contextlib.suppress(TimeoutError):  # down at start: the node starts, not ready, and keeps trying
+            await asyncio.wait_for(self._link.connected.wait(), self.timeout)
 
     async def close(self) -> None:
         await self._link.stop()
         self.feeds.close()
         await self.client.aclose()
 
+    def note_error(self, operation: str) -> None:
+        self._events("error", operation)
+
     async def _call(self, operation: str, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one script; any failure to get an answer in time is BrokerUnavailable (and counted)."""
         try:
-            return await asyncio.wait_for(self._scripts.run(script, keys, args), self._timeout + 1.5)
+            return await asyncio.wait_for(self.scripts.run(script, keys, args), self.timeout + 1.5)
         except (RedisError, OSError, TimeoutError) as exc:
             self._events("error", operation)
             raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
 
     async def ping(self) -> None:
+        """Ready means both connections work: commands, and the pub/sub link live messages arrive on."""
         try:
-            await asyncio.wait_for(self.client.ping(), self._timeout)
+            await asyncio.wait_for(self.client.ping(), self.timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             self._events("error", "ping")
             raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
+        if not self._link.connected.is_set():
+            self._link.wake()
+            raise BrokerUnavailable("the broker's pub/sub link is reconnecting")
 
     # -- live feeds ------------------------------------------------------------------------------------------
     async def subscribe(self, diagnosis_id: int) -> None:
@@ -175,19 +198,32 @@ class RedisBroker:
 
     async def publish_control(self, message: bytes) -> None:
         try:
-            await asyncio.wait_for(self.client.publish(self.keys.control(), message), self._timeout)
+            await asyncio.wait_for(self.client.publish(self.keys.control(), message), self.timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             self._events("error", "control")
             raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
 
+    async def publish_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, frame: bytes,
+                               origin: str) -> None:
+        """Send a personal message to the nodes serving the diagnosis (they deliver it to that user's
+        connections); it carries no offset, so it travels beside the broadcasts as offset 0."""
+        message = b"0\n%s\n%d|%s\n%s" % (origin.encode(), user_id, (exclude_session or "").encode(), frame)
+        try:
+            await asyncio.wait_for(self.client.publish(self.keys.channel(diagnosis_id), message), self.timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._events("error", "personal")
+            raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
+
     # -- publishing and history ------------------------------------------------------------------------------
     async def publish(self, diagnosis_id: int, body: bytes, exclude_session: str | None = None) -> Publication:
-        deadline = _ms(time.time() + self._timeout)
+        deadline = _ms(time.time() + self.timeout)
         now = _ms(self._clock())
-        result = await self._call("publish", "publish", (self.keys.meta(diagnosis_id), self.keys.stream(diagnosis_id)),
+        keys = (self.keys.meta(diagnosis_id), self.keys.stream(diagnosis_id),
+                self.keys.publish_id(diagnosis_id, secrets.token_hex(8)))
+        result = await self._call("publish", "publish", keys,
                                   (body, exclude_session or "", now, self._history_size, self._history_max_bytes,
                                    self._ttl_ms, deadline, self.keys.channel(diagnosis_id), _new_epoch(), len(body),
-                                   0))
+                                   0, PUBLISH_ID_TTL_MS))
         if int(result[0]) < 0:
             self._events("error", "publish")
             raise BrokerUnavailable("the broker ran the publish too late; nothing was published")

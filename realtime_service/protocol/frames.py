@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,9 +40,9 @@ def with_position(body: bytes, offset: int, epoch: str) -> bytes:
 
 
 def personal_frame(type_: str, diagnosis_id: int, user_id: int, data: Any) -> bytes:
-    """A message for one user: no offset (PROTOCOL 3.8)."""
-    return encode({"type": type_, "diagnosis_id": diagnosis_id, "user_id": user_id, "data": data,
-                   "timestamp": utc_now()})
+    """A message for one user: no offset, but a unique `message_id`, so a client drops a repeat (PROTOCOL 3.8)."""
+    return encode({"type": type_, "message_id": uuid.uuid4().hex, "diagnosis_id": diagnosis_id, "user_id": user_id,
+                   "data": data, "timestamp": utc_now()})
 
 
 def connect_frame(diagnosis_id: int, user_id: int, session: str, offset: int, epoch: str) -> bytes:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -14,6 +15,8 @@ from realtime_service.auth.replica import PostgresOwnership
 from realtime_service.auth.tokens import TokenVerifier
 from realtime_service.broker.base import Broker
 from realtime_service.broker.memory import MemoryBroker
+from realtime_service.cluster import Cluster, SharedCluster
+from realtime_service.hub import Hub
 from realtime_service.limits import ConnectionCounter
 from realtime_service.metrics import Metrics
 from realtime_service.node import Limits, Node
@@ -56,6 +59,23 @@ def build_broker(settings: Settings, metrics: Metrics) -> Broker:
         raise ConfigError(f"REALTIME_REDIS_URL cannot be used: {str(exc).split(':')[0]}") from None
 
 
+def build_cluster(settings: Settings, broker: Broker, metrics: Metrics) -> Callable[[Hub], Cluster] | None:
+    """With Redis, presence and control messages are shared by every node; alone, the hub answers."""
+    if settings.redis_url is None:
+        return None
+    from realtime_service.broker.redis import RedisBroker
+
+    if not isinstance(broker, RedisBroker):
+        return None
+    from realtime_service.broker.presence import RedisPresence
+
+    node_id = uuid.uuid4().hex[:12]
+    # A node counts as alive while its beat is younger than 1.5 heartbeats: a dead one's entries vanish within 2.
+    store = RedisPresence(broker, node_id, liveness=1.5 * settings.heartbeat)
+    return lambda hub: SharedCluster(hub, store, beat_every=settings.heartbeat / 4,
+                                     on_error=lambda: metrics.broker_errors.labels("presence").inc())
+
+
 def build_ownership_source(settings: Settings, metrics: Metrics) -> OwnershipSource:
     dsn = settings.secret("database_url")
     if not dsn:
@@ -85,8 +105,10 @@ def create_app(settings: Settings, *, ownership_source: OwnershipSource | None =
     source = ownership_source or build_ownership_source(settings, metrics)
     ownership = OwnershipChecker(source, settings.ownership_cache_ttl,
                                  on_lookup=lambda result: metrics.ownership_lookups.labels(result).inc())
-    node = Node(broker or build_broker(settings, metrics), ownership, build_verifier(settings), metrics,
-                Limits(settings.outbox_max_bytes, settings.outbox_max_messages, settings.history_max_bytes))
+    chosen = broker or build_broker(settings, metrics)
+    node = Node(chosen, ownership, build_verifier(settings), metrics,
+                Limits(settings.outbox_max_bytes, settings.outbox_max_messages, settings.history_max_bytes),
+                cluster=build_cluster(settings, chosen, metrics))
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[STATE] = AppState(settings=settings, node=node, metrics=metrics, connection_counter=connection_counter)
     app.router.add_get(f"/ws/{ID}", websocket_handler)
@@ -124,6 +146,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     node = state.node
     await node.broker.start()
+    await node.cluster.start()
     heartbeat = asyncio.create_task(_heartbeat(node, state.settings.heartbeat))
     # With workers, each samples its scrape-time gauges for the scrapes its siblings answer (metrics.py).
     sampler = asyncio.create_task(state.metrics.run_sampler()) if state.metrics.multiprocess else None
@@ -135,5 +158,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await node.cluster.close()
         await node.broker.close()
         await node.ownership.source.close()

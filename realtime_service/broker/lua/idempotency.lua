@@ -3,13 +3,17 @@
 -- r: result, x: logical expiry (ms, node clock)}.
 -- KEYS[1] record. ARGV: 1 mode, 2 owner token, 3 fingerprint, 4 now (ms), 5 ttl (ms: lease for "reserve",
 -- retention for "complete"), 6 result (complete).
--- reserve: {"reserved"} when the key was free (or expired), else {state, fingerprint, result}.
+-- reserve: {"reserved"} when the key was free (or expired) or is already this owner's (a retried call), else
+-- {state, fingerprint, result}.
 -- complete: stores the result if the caller still owns the reservation; returns 1 or 0.
 -- release: forgets a pending reservation the caller owns (its publish failed); returns 1 or 0.
 local mode = ARGV[1]
 local now = tonumber(ARGV[4])
 if mode == 'reserve' then
-  local record = redis.call('HMGET', KEYS[1], 's', 'f', 'r', 'x')
+  local record = redis.call('HMGET', KEYS[1], 's', 'f', 'r', 'x', 't')
+  if record[1] == 'pending' and record[5] == ARGV[2] then
+    return {'reserved'}
+  end
   if record[1] and tonumber(record[4]) > now then
     return {record[1], record[2], record[3] or ''}
   end

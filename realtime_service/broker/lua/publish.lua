@@ -1,11 +1,19 @@
 -- Publish one broadcast atomically (PROTOCOL 5.1): create the epoch on first use, take the next offset, append
 -- to the stream, trim it to the retention bounds, refresh the TTLs and hand it to every subscribed node.
--- KEYS[1] meta hash {e: epoch, o: newest offset, b: retained frame bytes}; KEYS[2] stream (entry id = offset).
+-- KEYS[1] meta hash {e: epoch, o: newest offset, b: retained frame bytes}; KEYS[2] stream (entry id = offset);
+-- KEYS[3] this publish's id: a retry of a publish whose answer was lost gets the first answer, not a second
+-- offset.
 -- ARGV: 1 body, 2 exclude_session or "", 3 now (ms, node clock: retention), 4 history_size, 5 history_max_bytes,
 --       6 history_ttl (ms), 7 deadline (ms, Redis clock; 0 = none), 8 channel, 9 epoch to create if none,
---       10 plaintext body length (the stored body may be sealed), 11 expected offset (0 = any).
+--       10 plaintext body length (the stored body may be sealed), 11 expected offset (0 = any),
+--       12 how long a publish id is remembered (ms).
 -- Returns {offset, epoch}, or {-1, "late"} past the deadline, or {-2, epoch, newest} when the expected offset
 -- is not the next one (a sealed body names its offset, so the caller seals again and retries).
+local done = redis.call('GET', KEYS[3])
+if done then
+  local offset, epoch = string.match(done, '^(%d+)|(.*)$')
+  return {tonumber(offset), epoch}
+end
 local deadline = tonumber(ARGV[7])
 if deadline > 0 then
   local t = redis.call('TIME')
@@ -48,5 +56,6 @@ while true do
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('SET', KEYS[3], offset .. '|' .. epoch, 'PX', ARGV[12])
 redis.call('PUBLISH', ARGV[8], offset .. '\n' .. epoch .. '\n' .. ARGV[2] .. '\n' .. ARGV[1])
 return {offset, epoch}
