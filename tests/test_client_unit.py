@@ -4,6 +4,10 @@ copy of them, so the two libraries are held to one table."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,3 +128,31 @@ def test_answers_map_to_typed_errors(status: int, body: Any, kind: type[errors.C
     assert (error.reason, error.status) == (reason, status)
     if kind is errors.ValidationFailed:
         assert error.fields == {"rating": "too big"}
+
+
+CLIENT = Path(__file__).resolve().parent.parent / "realtime_service" / "client"
+ALLOWED_PROJECT_IMPORTS = ("realtime_service.client", "realtime_service.protocol.models")
+
+
+def test_the_client_imports_aiohttp_and_the_shared_models_only() -> None:
+    """An app installs the client without running the server: the package never imports the server's code."""
+    for path in sorted(CLIENT.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.startswith("realtime_service"):
+                    assert name.startswith(ALLOWED_PROJECT_IMPORTS), f"{path.name} imports {name}"
+                if name.split(".")[0] == "aiohttp":
+                    assert not name.startswith("aiohttp.web"), f"{path.name} imports the server side: {name}"
+
+
+def test_importing_the_client_loads_none_of_the_server() -> None:
+    code = ("import sys, realtime_service.client, realtime_service.client.listen; "
+            "print(sorted(m for m in sys.modules if m.startswith(('realtime_service', 'aiohttp.web'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    loaded = ast.literal_eval(result.stdout.strip())
+    server = [m for m in loaded if not m.startswith(("realtime_service.client", "realtime_service.protocol"))
+              and m != "realtime_service"]
+    assert server == [], server  # neither the service's modules nor aiohttp's server side
