@@ -118,3 +118,15 @@ def test_protocol_reference_covers_what_issue_12_asks() -> None:
     for needed in ("Frames from the server", "Frames from the client", "Close codes", "Resuming",
                    "REST API", "Scale-out with Redis", "Workers on one machine", "Configuration"):
         assert any(h.startswith(needed) for h in headings), needed
+
+
+def test_container_example_mounts_every_file_the_production_example_names() -> None:
+    from realtime_service.preflight import file_settings
+    from realtime_service.settings import load
+
+    example = load({}, ROOT / "config" / "production.example.toml").settings
+    named = [str(getattr(example, name)) for name in file_settings() if getattr(example, name)]
+    assert named, "the production example names no file: nothing to check"
+    block = next(b for b in sh_blocks(README.read_text()) if "production.example.toml" in b)
+    for path in named:
+        assert f":{path}:ro" in block, f"the README's container example does not mount {path}"
