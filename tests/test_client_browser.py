@@ -34,6 +34,7 @@ HARNESS = """async ({url, diagnosisId, device, persist}) => {
     onHistoryLost: (lost) => push('lost', lost),
     onState: (s) => push('state', Object.assign({}, s, {error: s.error ? s.error.reason : undefined})),
     onError: (e) => push('error', {reason: e.reason, code: e.code, name: e.name}),
+    onFrame: (r) => { if (r.direction === 'out' && r.frame.type === 'auth') push('auth', r.frame); },
   });
 }"""
 
@@ -291,9 +292,22 @@ async def test_module_receives_acks_and_keeps_tokens_out_of_urls_storage_and_dom
             await asyncio.sleep(0.1)
     stored = await tab.page.evaluate("Object.keys(localStorage).map(k => [k, localStorage.getItem(k)])")
     assert len(stored) == 1 and '"offset":3' in stored[0][1]  # the position is persisted...
+
+    # ...so a reload resumes from it exactly (since/epoch in the auth frame), not from the device's cursor.
+    await tab.page.evaluate("window.__client.close()")
+    await publish(service, tokens, did, "while_reloading", {})
+    await tab.page.reload()
+    await tab.page.evaluate(HARNESS, {"url": service.ws_base, "diagnosisId": did, "device": "tab-ack",
+                                      "persist": True})
+    await tab.wait_offsets([4])
+    assert (await tab.messages())[0]["type"] == "while_reloading"
+    auth = next(e["value"] for e in await tab.log() if e["kind"] == "auth")
+    assert auth == {"type": "auth", "token": "•••", "device": "tab-ack", "since": 3,
+                    "epoch": (await tab.messages())[0]["epoch"]}
+
     await tab.page.evaluate("localStorage.clear()")
     await assert_no_token_anywhere(tab.page, tab.watch, *issued)  # ...and no token, anywhere
-    assert tab.sockets == [f"{service.ws_base}/ws/{did}"]
+    assert tab.sockets == [f"{service.ws_base}/ws/{did}"] * 2
     assert not tab.watch.errors, tab.watch.errors
     await tab.page.close()
 
