@@ -36,6 +36,12 @@ from realtime_service.client.policy import (
 from realtime_service.client.sequence import Item, Position, Resume, Sequencer, is_broadcast
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
+CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the upgrade; a black-holed network is retried, not waited on
+CLOSE_MESSAGES = {
+    "invalid_token": "the service refused the token (signature, algorithm or claims); get a new one",
+    "forbidden": "this user may not watch this diagnosis",
+    "diagnosis_not_found": "there is no such diagnosis",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +116,9 @@ async def subscribe(url: str, diagnosis_id: int, token: TokenSource, device: str
             if first:
                 since = sequencer.connecting()
                 try:
-                    ws = await http.ws_connect(target, autoping=True, heartbeat=heartbeat, max_msg_size=0)
+                    ws = await asyncio.wait_for(
+                        http.ws_connect(target, autoping=True, heartbeat=heartbeat, max_msg_size=0),
+                        CONNECT_TIMEOUT)
                 except aiohttp.WSServerHandshakeError as exc:
                     if exc.status in (400, 403, 404):  # refused before the upgrade: not something a retry fixes
                         reason = {403: "origin_not_allowed", 404: "diagnosis_not_found"}.get(exc.status, "refused")
@@ -139,7 +147,8 @@ async def subscribe(url: str, diagnosis_id: int, token: TokenSource, device: str
             delay = reconnect_delay(action, attempt, backoff, random)
             if delay is None:
                 report(State("closed", code, reason))
-                raise error_for(reason, f"the service closed the connection {code} {reason}", close_code=code)
+                raise error_for(reason, CLOSE_MESSAGES.get(reason, f"the service closed the connection {code}"),
+                                close_code=code)
             attempt += 1
             report(State("reconnecting", code, reason, delay, attempt))
             await asyncio.sleep(delay)
