@@ -21,7 +21,7 @@ DEFAULT_OWNERSHIP_QUERY = "SELECT user_id FROM diagnoses WHERE id = %(diagnosis_
 LIST_FIELDS = frozenset({"jwt_algorithms", "allowed_origins", "allowed_hosts", "trusted_proxies"})
 OPTIONAL_FIELDS = frozenset({"database_url", "redis_url", "jwt_secret", "jwt_public_key_file", "jwt_audience",
                              "jwt_previous_secret", "jwt_jwks_file",
-                             "public_origin",
+                             "public_origin", "broker_encryption_keys",
                              "jwt_issuer"})
 
 
@@ -52,6 +52,7 @@ class Settings(BaseModel):
     redis_url: SecretStr | None = None
     redis_prefix: str = Field("rt", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     redis_timeout: float = Field(2, gt=0, le=60)
+    broker_encryption_keys: SecretStr | None = None  # kid:base64-of-32-bytes[,...]; the first seals, all open
     jwt_secret: SecretStr | None = None
     jwt_previous_secret: SecretStr | None = None  # verify only: the secret being rotated out (PROTOCOL 2)
     jwt_jwks_file: Path | None = None  # JSON Web Key Set; keys chosen by `kid`, re-read on SIGHUP and on change
@@ -122,6 +123,15 @@ class Settings(BaseModel):
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         return f"{parts.scheme}://{host}{port}".lower()
 
+    @field_validator("broker_encryption_keys")
+    @classmethod
+    def _usable_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from realtime_service.broker.sealing import Sealer
+
+            Sealer.parse(value.get_secret_value())  # ValueError names the entry, never the key
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -178,7 +188,8 @@ class Settings(BaseModel):
     def development(self) -> bool:
         return self.env == "development"
 
-    def secret(self, name: Literal["database_url", "redis_url", "jwt_secret", "jwt_previous_secret"]) -> str | None:
+    def secret(self, name: Literal["database_url", "redis_url", "jwt_secret", "jwt_previous_secret",
+                                   "broker_encryption_keys"]) -> str | None:
         """The clear value of a secret setting, for the one place that needs it."""
         value: SecretStr | None = getattr(self, name)
         return None if value is None else value.get_secret_value()

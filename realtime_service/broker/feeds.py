@@ -30,6 +30,7 @@ from realtime_service.broker.base import (
     PublicationHandler,
     StreamPosition,
 )
+from realtime_service.broker.sealing import history_aad, personal_aad
 from realtime_service.errors import BrokerUnavailable
 from realtime_service.protocol.frames import with_position
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("realtime.broker")
 
 FillSource = Callable[[int, int], Awaitable[History]]
+Opener = Callable[[bytes, bytes], "bytes | None"]  # (sealed body, associated data) -> plaintext or None
 PositionSource = Callable[[int], Awaitable[StreamPosition]]
 
 
@@ -65,7 +67,7 @@ class FeedSet:
     """Every diagnosis this node is subscribed to, with reference counts (one per local connection)."""
 
     def __init__(self, keys: Keys, fill_source: FillSource, position_source: PositionSource, events: Events,
-                 fill_after: float, timeout: float) -> None:
+                 fill_after: float, timeout: float, opener: Opener | None = None) -> None:
         self.keys = keys
         self.feeds: dict[int, Feed] = {}
         self.on_publication: PublicationHandler = lambda publication: None
@@ -76,6 +78,7 @@ class FeedSet:
         self._events = events
         self._fill_after = fill_after
         self._timeout = timeout
+        self._opener = opener
 
     # -- membership ----------------------------------------------------------------------------------------
     def add(self, diagnosis_id: int) -> tuple[Feed, bool]:
@@ -131,6 +134,15 @@ class FeedSet:
         feed = self.feeds.get(diagnosis_id)
         if feed is None:
             return
+        if self._opener is not None:
+            opened = self._opener(body, history_aad(diagnosis_id, offset))
+            if opened is None:
+                # Never sent; the stream holds the same sealed entry, which a fill skips as well.
+                if feed.ready.done() and feed.filling is None and offset == feed.last + 1 and epoch == feed.epoch:
+                    feed.last = offset
+                    self._drain(diagnosis_id, feed)
+                return
+            body = opened
         publication = Publication(diagnosis_id, offset, epoch, with_position(body, offset, epoch), exclude_session)
         if not feed.ready.done() or feed.filling is not None:
             feed.pending[offset] = publication
@@ -150,6 +162,18 @@ class FeedSet:
             return
         feed.pending[offset] = publication
         self.fill(diagnosis_id, feed)
+
+    def personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, body: bytes,
+                 origin: str) -> None:
+        """A personal message from pub/sub, for a subscribed diagnosis."""
+        if diagnosis_id not in self.feeds:
+            return
+        if self._opener is not None:
+            opened = self._opener(body, personal_aad(diagnosis_id, user_id))
+            if opened is None:
+                return
+            body = opened
+        self.on_personal(diagnosis_id, user_id, exclude_session, body, origin)
 
     def _hand(self, feed: Feed, publication: Publication) -> None:
         feed.last = publication.offset
@@ -234,10 +258,14 @@ class FeedSet:
                 else:
                     filled = 0
                     for publication in history.publications:
-                        if publication.offset == feed.last + 1:
-                            feed.pending.pop(publication.offset, None)
-                            self._hand(feed, publication)
-                            filled += 1
+                        if publication.offset <= feed.last:
+                            continue
+                        # a hole inside what is retained is an entry that did not open (sealed with a retired
+                        # key): it was dropped and counted, and is skipped rather than waited for
+                        feed.pending.pop(publication.offset, None)
+                        self._hand(feed, publication)
+                        filled += 1
+                    feed.last = max(feed.last, position.offset)
                     if filled:
                         self._events("gap_fill", "")
                 gap = self._drain(diagnosis_id, feed)
@@ -474,8 +502,7 @@ class PubSubLink:
             diagnosis_id = int(channel[len(self._channel_prefix):])
             if offset == b"0":  # a personal message: epoch carries the origin node, exclude "user|session"
                 user, _, session = exclude.partition(b"|")
-                if diagnosis_id in self._feeds.feeds:
-                    self._feeds.on_personal(diagnosis_id, int(user), session.decode() or None, body, epoch.decode())
+                self._feeds.personal(diagnosis_id, int(user), session.decode() or None, body, epoch.decode())
                 return
             self._feeds.arrive(diagnosis_id, int(offset), epoch.decode(), exclude.decode() or None, body)
         except ValueError:

@@ -37,12 +37,15 @@ from realtime_service.broker.base import (
     StreamPosition,
 )
 from realtime_service.broker.feeds import FeedSet, PubSubLink
+from realtime_service.broker.sealing import Sealer, SealError, history_aad, personal_aad, result_aad
 from realtime_service.errors import BrokerUnavailable
 from realtime_service.protocol.frames import with_position
 
 log = logging.getLogger("realtime.broker")
 
 MAX_DEVICES_PER_USER = 64
+ACTIVE_NOTE_MS = 1000
+SEAL_ATTEMPTS = 50  # publishes of other nodes that may overtake one sealed publish before it gives up
 PUBLISH_ID_TTL_MS = 10_000  # a retried publish comes within the publish deadline; remember its id a while longer
 SCRIPTS = ("publish", "position", "history", "retained", "cursor", "inbox", "idempotency", "beat", "live_nodes")
 Events = Callable[[str, str], None]  # (event, detail): errors, reconnects, gap fills, catch-ups for metrics
@@ -121,7 +124,8 @@ class RedisBroker:
 
     def __init__(self, url: str, *, prefix: str, history_size: int, history_max_bytes: int, history_ttl: float,
                  inbox_size: int, idempotency_ttl: float, timeout: float = 2.0,
-                 clock: Callable[[], float] = time.time, events: Events | None = None) -> None:
+                 clock: Callable[[], float] = time.time, events: Events | None = None,
+                 sealer: Sealer | None = None) -> None:
         self.keys = Keys(prefix)
         self._history_size = history_size
         self._history_max_bytes = history_max_bytes
@@ -140,8 +144,11 @@ class RedisBroker:
             url, socket_timeout=timeout + 1.0, socket_connect_timeout=timeout, retry=retry,
             health_check_interval=0, max_connections=64)
         self.scripts = Scripts(self.client)
+        self._noted: dict[int, int] = {}
+        self._newest: dict[int, int] = {}  # newest offset this node saw per diagnosis (sealing predicts the next)
+        self._sealer = sealer
         self.feeds = FeedSet(self.keys, self._fill_source, self._position_source, self._events,
-                             fill_after=0.15, timeout=timeout)
+                             fill_after=0.15, timeout=timeout, opener=self._open if sealer else None)
         self._link = PubSubLink(self.client, self.keys, self.feeds, self._events, timeout=timeout)
 
     # -- lifecycle and handlers ------------------------------------------------------------------------------
@@ -207,6 +214,8 @@ class RedisBroker:
                                origin: str) -> None:
         """Send a personal message to the nodes serving the diagnosis (they deliver it to that user's
         connections); it carries no offset, so it travels beside the broadcasts as offset 0."""
+        if self._sealer is not None:
+            frame = self._sealer.seal(frame, personal_aad(diagnosis_id, user_id))
         message = b"0\n%s\n%d|%s\n%s" % (origin.encode(), user_id, (exclude_session or "").encode(), frame)
         try:
             await asyncio.wait_for(self.client.publish(self.keys.channel(diagnosis_id), message), self.timeout)
@@ -220,23 +229,63 @@ class RedisBroker:
         now = _ms(self._clock())
         keys = (self.keys.meta(diagnosis_id), self.keys.stream(diagnosis_id),
                 self.keys.publish_id(diagnosis_id, secrets.token_hex(8)))
-        result = await self._call("publish", "publish", keys,
-                                  (body, exclude_session or "", now, self._history_size, self._history_max_bytes,
-                                   self._ttl_ms, deadline, self.keys.channel(diagnosis_id), _new_epoch(), len(body),
-                                   0, PUBLISH_ID_TTL_MS))
+        # A sealed body names its offset (associated data), so it is sealed for the offset this node expects next;
+        # if another node took that one meanwhile, the script says which is next and it is sealed again.
+        expected = self._expected_offset(diagnosis_id) if self._sealer else 0
+        for _attempt in range(SEAL_ATTEMPTS):
+            stored = self._sealer.seal(body, history_aad(diagnosis_id, expected)) if self._sealer else body
+            result = await self._call("publish", "publish", keys,
+                                      (stored, exclude_session or "", now, self._history_size,
+                                       self._history_max_bytes, self._ttl_ms, deadline, self.keys.channel(diagnosis_id),
+                                       _new_epoch(), len(body), expected, PUBLISH_ID_TTL_MS))
+            if int(result[0]) != -2:
+                break
+            expected = int(result[2]) + 1
+        else:
+            self._events("error", "publish")
+            raise BrokerUnavailable("too many concurrent publishes to this diagnosis; nothing was published")
         if int(result[0]) < 0:
             self._events("error", "publish")
             raise BrokerUnavailable("the broker ran the publish too late; nothing was published")
         offset, epoch = int(result[0]), result[1].decode()
+        self._newest[diagnosis_id] = offset
         await self._note_active(diagnosis_id, now)
         publication = Publication(diagnosis_id, offset, epoch, with_position(body, offset, epoch), exclude_session)
         await self.feeds.wait_delivered(diagnosis_id, offset, epoch)
         return publication
 
-    async def _note_active(self, diagnosis_id: int, now: int) -> None:
-        """Remember which diagnoses hold history, for the status totals (best effort: not part of the publish)."""
+    def _expected_offset(self, diagnosis_id: int) -> int:
+        feed = self.feeds.feeds.get(diagnosis_id)
+        known = max(feed.last if feed is not None else 0, self._newest.get(diagnosis_id, 0))
+        if len(self._newest) > 100_000:
+            self._newest.clear()
+        return known + 1
+
+    def _open(self, sealed: bytes, aad: bytes) -> bytes | None:
+        """The plaintext of a stored body, or None (counted) when it does not open: such an entry is never sent."""
+        if self._sealer is None:
+            return sealed
         try:
-            await self.client.zadd(self.keys.active(), {str(diagnosis_id): now})
+            return self._sealer.open(sealed, aad)
+        except SealError as exc:
+            self._events("error", "unseal")
+            log.warning("a stored message could not be opened and was dropped: %s", exc)
+            return None
+
+    async def _note_active(self, diagnosis_id: int, now: int) -> None:
+        """Remember which diagnoses hold history, for the status totals (best effort: not part of the publish;
+        at most once a second per diagnosis, so a busy diagnosis costs no extra round trip per publish)."""
+        if now - self._noted.get(diagnosis_id, -ACTIVE_NOTE_MS) < ACTIVE_NOTE_MS:
+            return
+        if len(self._noted) > 100_000:
+            self._noted.clear()
+        self._noted[diagnosis_id] = now
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.active(), {str(diagnosis_id): now})
+                pipe.zremrangebyscore(self.keys.active(), "-inf", now - self._ttl_ms)
+                pipe.pexpire(self.keys.active(), self._ttl_ms)
+                await pipe.execute()
         except (RedisError, OSError):
             self._events("error", "active")
 
@@ -260,8 +309,9 @@ class RedisBroker:
         pubs = []
         for index in range(3, len(result), 2):
             entry_offset = int(bytes(result[index]).split(b"-", 1)[0])
-            pubs.append(Publication(diagnosis_id, entry_offset, epoch, with_position(result[index + 1], entry_offset,
-                                                                                     epoch)))
+            body = self._open(result[index + 1], history_aad(diagnosis_id, entry_offset))
+            if body is not None:
+                pubs.append(Publication(diagnosis_id, entry_offset, epoch, with_position(body, entry_offset, epoch)))
         return History(StreamPosition(offset, epoch), oldest, tuple(pubs))
 
     async def retained_count(self) -> int:
@@ -318,6 +368,8 @@ class RedisBroker:
 
     # -- personal inboxes ----------------------------------------------------------------------------------------
     async def push_personal(self, diagnosis_id: int, user_id: int, frame: bytes) -> None:
+        if self._sealer is not None:
+            frame = self._sealer.seal(frame, personal_aad(diagnosis_id, user_id))
         entry = b"%d|%s" % (_ms(self._clock()), frame)
         await self._call("push_personal", "inbox", (self.keys.inbox(diagnosis_id, user_id),),
                          ("push", entry, self._inbox_size, self._ttl_ms))
@@ -330,7 +382,9 @@ class RedisBroker:
         for entry in entries:
             stamp, frame = entry.split(b"|", 1)
             if int(stamp) > horizon:
-                out.append(frame)
+                opened = self._open(frame, personal_aad(diagnosis_id, user_id))
+                if opened is not None:
+                    out.append(opened)
         return out
 
     # -- idempotency ------------------------------------------------------------------------------------------------
@@ -340,9 +394,17 @@ class RedisBroker:
                                   ("reserve", token, fingerprint, _ms(self._clock()), _ms(lease), ""))
         if result[0] == b"reserved":
             return None
-        return IdempotencyRecord(result[0] == b"done", result[1].decode(), bytes(result[2]))
+        done, stored = result[0] == b"done", bytes(result[2])
+        if done and self._sealer is not None:
+            opened = self._open(stored, result_aad(self.keys.idempotency(scope, key)))
+            if opened is None:  # an answer sealed with a retired key: never publish twice, ask for a retry later
+                raise BrokerUnavailable("the stored answer of this Idempotency-Key cannot be read")
+            stored = opened
+        return IdempotencyRecord(done, result[1].decode(), stored)
 
     async def complete_idempotency(self, scope: str, key: str, token: str, result: bytes) -> None:
+        if self._sealer is not None:
+            result = self._sealer.seal(result, result_aad(self.keys.idempotency(scope, key)))
         await self._call("idempotency", "idempotency", (self.keys.idempotency(scope, key),),
                          ("complete", token, "", _ms(self._clock()), _ms(self._idempotency_ttl), result))
 

@@ -50,11 +50,15 @@ def build_broker(settings: Settings, metrics: Metrics) -> Broker:
         elif event == "catchup":
             metrics.broker_catchups.inc()
 
+    from realtime_service.broker.sealing import Sealer
+
+    keys = settings.secret("broker_encryption_keys")
     try:
         return RedisBroker(redis_url, prefix=settings.redis_prefix, history_size=settings.history_size,
                            history_max_bytes=settings.history_max_bytes, history_ttl=settings.history_ttl,
                            inbox_size=settings.personal_inbox_size, idempotency_ttl=settings.idempotency_ttl,
-                           timeout=settings.redis_timeout, events=events)
+                           timeout=settings.redis_timeout, events=events,
+                           sealer=Sealer.parse(keys) if keys else None)
     except ValueError as exc:  # redis-py's answer to a URL it cannot use; never echo the URL (it may hold a password)
         raise ConfigError(f"REALTIME_REDIS_URL cannot be used: {str(exc).split(':')[0]}") from None
 
