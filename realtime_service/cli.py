@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds until the token expires, at least 1 (default 3600)")
     listen = sub.add_parser("listen", help="print a diagnosis's updates as they arrive (the Python client)",
                             description=_LISTEN_HELP, epilog=EPILOG, formatter_class=formatter)
-    listen.add_argument("diagnosis_id", type=int, metavar="DIAGNOSIS_ID")
+    listen.add_argument("diagnosis_id", type=int, metavar="DIAGNOSIS_ID",
+                        help="the diagnosis to follow (dev's demo user 456 owns 123 and 124)")
     listen.add_argument("--token", metavar="JWT",
                         help="the user token (default $USER_TOKEN, which keeps it out of your shell history)")
     listen.add_argument("--url", default="http://127.0.0.1:8080", metavar="URL",
