@@ -26,15 +26,22 @@ class RedisPresence:
         self._broker = broker
         self._client = broker.client
         self.node_id = node_id
-        prefix = broker.keys.prefix
-        self._nodes = f"{{{prefix}}}:nodes"
-        self._liveness_ms = int(liveness * 1000)
+        self.prefix = prefix = broker.keys.prefix
+        self.nodes_key = self._nodes = f"{{{prefix}}}:nodes"
+        self.liveness_ms = self._liveness_ms = int(liveness * 1000)
+        self.client = self._client
 
     def _totals(self, node_id: str) -> str:
         return f"{{{self._broker.keys.prefix}}}:node:{node_id}"
 
     def _users(self, node_id: str) -> str:
         return f"{{{self._broker.keys.prefix}}}:node:{node_id}:users"
+
+    async def run_script(self, name: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        return await self._run("presence", self._broker.scripts.run(name, keys, args))
+
+    async def run(self, operation: str, coro: Any) -> Any:
+        return await self._run(operation, coro)
 
     async def _run(self, operation: str, coro: Any) -> Any:
         try:
@@ -112,3 +119,28 @@ class RedisPresence:
 def _decode(raw: bytes | Iterable[int]) -> UserPresence:
     data: dict[str, Any] = orjson.loads(bytes(raw))
     return {int(user): (int(value[0]), list(value[1])) for user, value in data.items()}
+
+
+class RedisConnectionCounter:
+    """A `ConnectionCounter` over every live node: REALTIME_MAX_CONNECTIONS_PER_USER counts a user's connections
+    wherever they are (PROTOCOL 3.11). A slot of a node that died stops counting with its beat."""
+
+    def __init__(self, presence: RedisPresence, key_ttl: float) -> None:
+        self._presence = presence
+        self._ttl_ms = int(key_ttl * 1000)
+
+    def _key(self, user_id: int) -> str:
+        return f"{{{self._presence.prefix}}}:user:{user_id}:connections"
+
+    async def acquire(self, user_id: int, session: str, limit: int) -> bool:
+        taken = await self._presence.run_script(
+            "user_connections", (self._key(user_id), self._presence.nodes_key),
+            (f"{self._presence.node_id}|{session}", limit, self._presence.liveness_ms, self._ttl_ms))
+        return bool(int(taken))
+
+    async def release(self, user_id: int, session: str) -> None:
+        try:
+            await self._presence.run("presence", self._presence.client.srem(
+                self._key(user_id), f"{self._presence.node_id}|{session}"))
+        except BrokerUnavailable:
+            pass  # the slot is dropped with this node's beat, or when the key expires

@@ -47,7 +47,8 @@ MAX_DEVICES_PER_USER = 64
 ACTIVE_NOTE_MS = 1000
 SEAL_ATTEMPTS = 50  # publishes of other nodes that may overtake one sealed publish before it gives up
 PUBLISH_ID_TTL_MS = 10_000  # a retried publish comes within the publish deadline; remember its id a while longer
-SCRIPTS = ("publish", "position", "history", "retained", "cursor", "inbox", "idempotency", "beat", "live_nodes")
+SCRIPTS = ("publish", "position", "history", "retained", "cursor", "inbox", "idempotency", "beat", "live_nodes",
+           "user_connections")
 Events = Callable[[str, str], None]  # (event, detail): errors, reconnects, gap fills, catch-ups for metrics
 
 

@@ -63,21 +63,24 @@ def build_broker(settings: Settings, metrics: Metrics) -> Broker:
         raise ConfigError(f"REALTIME_REDIS_URL cannot be used: {str(exc).split(':')[0]}") from None
 
 
-def build_cluster(settings: Settings, broker: Broker, metrics: Metrics) -> Callable[[Hub], Cluster] | None:
-    """With Redis, presence and control messages are shared by every node; alone, the hub answers."""
+def build_cluster(settings: Settings, broker: Broker, metrics: Metrics
+                  ) -> tuple[Callable[[Hub], Cluster] | None, ConnectionCounter | None]:
+    """With Redis, presence, control messages and the per-user connection count are shared by every node;
+    alone, the hub answers and the edge counts locally."""
     if settings.redis_url is None:
-        return None
+        return None, None
     from realtime_service.broker.redis import RedisBroker
 
     if not isinstance(broker, RedisBroker):
-        return None
-    from realtime_service.broker.presence import RedisPresence
+        return None, None
+    from realtime_service.broker.presence import RedisConnectionCounter, RedisPresence
 
     node_id = uuid.uuid4().hex[:12]
     # A node counts as alive while its beat is younger than 1.5 heartbeats: a dead one's entries vanish within 2.
     store = RedisPresence(broker, node_id, liveness=1.5 * settings.heartbeat)
-    return lambda hub: SharedCluster(hub, store, beat_every=settings.heartbeat / 4,
-                                     on_error=lambda: metrics.broker_errors.labels("presence").inc())
+    return (lambda hub: SharedCluster(hub, store, beat_every=settings.heartbeat / 4,
+                                      on_error=lambda: metrics.broker_errors.labels("presence").inc()),
+            RedisConnectionCounter(store, key_ttl=settings.history_ttl))
 
 
 def build_ownership_source(settings: Settings, metrics: Metrics) -> OwnershipSource:
@@ -110,9 +113,11 @@ def create_app(settings: Settings, *, ownership_source: OwnershipSource | None =
     ownership = OwnershipChecker(source, settings.ownership_cache_ttl,
                                  on_lookup=lambda result: metrics.ownership_lookups.labels(result).inc())
     chosen = broker or build_broker(settings, metrics)
+    cluster, shared_counter = build_cluster(settings, chosen, metrics)
+    connection_counter = connection_counter or shared_counter
     node = Node(chosen, ownership, build_verifier(settings), metrics,
                 Limits(settings.outbox_max_bytes, settings.outbox_max_messages, settings.history_max_bytes),
-                cluster=build_cluster(settings, chosen, metrics))
+                cluster=cluster)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[STATE] = AppState(settings=settings, node=node, metrics=metrics, connection_counter=connection_counter)
     app.router.add_get(f"/ws/{ID}", websocket_handler)
