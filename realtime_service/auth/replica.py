@@ -71,6 +71,16 @@ def _forget_descriptor(fd: int) -> None:
             remove(fd)
 
 
+def _next_descriptor() -> int:
+    """The number the next socket will get (POSIX gives the lowest free one); -1 if none can be opened."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return -1
+    os.close(fd)
+    return fd
+
+
 class PostgresOwnership:
     """OwnershipSource over aiopg."""
 
@@ -220,6 +230,11 @@ class PostgresOwnership:
 
     async def _open_one(self) -> _Pooled:
         options = f"-c statement_timeout={int((self._statement_timeout + SERVER_TIMEOUT_MARGIN) * 1000)}"
+        # A stale registration left on the number libpq's socket is about to get (by an attempt whose clean-up
+        # had to be skipped, or by another user of aiopg in this loop) would fail this attempt in add_reader.
+        upcoming = _next_descriptor()
+        if upcoming >= 0:
+            _forget_descriptor(upcoming)
         conn = aiopg.Connection(self._dsn, self._connect_timeout, enable_json=False, enable_hstore=False,
                                 enable_uuid=False, connect_timeout=max(1, round(self._connect_timeout)),
                                 options=options)
