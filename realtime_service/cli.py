@@ -358,12 +358,27 @@ def _dev_locked(loaded: Loaded, data_dir: Path, lock: DevLock) -> int:
               f"\nPaste these lines into another terminal (the tokens last 24 hours; user {owner} owns diagnosis "
               f"{first}):\n\n"
               f"export USER_TOKEN={user_token}\n"
-              f"export SERVICE_TOKEN={service_token}\n", flush=True)
+              f"export SERVICE_TOKEN={service_token}\n"
+              f"\nthen follow diagnosis {first} there: {_this_command()} listen {first}\n", flush=True)
         return run_loop(run_server(settings, demo_tokens={"user": user_token, "service": service_token,
                                                              "diagnosis_id": str(first)}, sockets=sockets))
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _this_command() -> str:
+    """How the user started us, to repeat in a hint: `.venv/bin/realtime-service` or `python -m realtime_service`."""
+    import shutil
+
+    started = sys.argv[0] if sys.argv else ""
+    if Path(started).name != "realtime-service":
+        return "python -m realtime_service"
+    on_path = shutil.which("realtime-service")
+    if on_path and Path(on_path).resolve() == Path(started).resolve():
+        return "realtime-service"
+    relative = os.path.relpath(started)
+    return started if relative.startswith("..") else relative
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:

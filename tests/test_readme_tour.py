@@ -93,6 +93,9 @@ async def test_the_readme_tour_runs_as_written(tmp_path: Path, processes: list[S
     await dev.wait_for(lambda text: "export SERVICE_TOKEN=" in text and "listening on" in text, "dev ready", 90)
     assert "Traceback" not in dev.text
     pasted = re.findall(r"^export (USER_TOKEN|SERVICE_TOKEN)=(\S+)$", dev.text, re.MULTILINE)
+    # the hint repeats how dev was started (the README's .venv/bin/..., or a bare name when that is on PATH)
+    assert re.search(r"^then follow diagnosis 123 there: (\.venv/bin/)?realtime-service listen 123$", dev.text,
+                     re.MULTILINE), dev.text
     assert [name for name, _ in pasted] == ["USER_TOKEN", "SERVICE_TOKEN"]
     # terminal 2 and 3: "paste those two export lines"
     exports = "\n".join(f"export {name}={shlex.quote(value)}" for name, value in pasted) + "\n"
