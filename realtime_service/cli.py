@@ -221,8 +221,10 @@ def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not args.scope and not (args.sub.isascii() and args.sub.isdigit() and 0 < int(args.sub) <= MAX_USER_ID):
         raise ConfigError(f"--sub {args.sub!r} is not a user id (a positive integer); for a service token add "
                           "--scope realtime:publish")
-    settings = _settings(args, env)
-    secret = settings.secret("jwt_secret")
+    loaded = _load(args, env)
+    for line in loaded.warnings:  # stdout is the token; a typo such as REALTIME_JWT_SECRT is said on stderr
+        print(f"realtime-service token: warning: {line}", file=sys.stderr)
+    secret = loaded.settings.secret("jwt_secret")
     if not secret:
         raise ConfigError("REALTIME_JWT_SECRET is required to sign a token (dev keeps its secret in "
                           f"{DEV_FOLDER}/jwt_secret)")

@@ -451,3 +451,12 @@ def test_a_database_url_that_is_no_dsn_is_refused_without_showing_it(tmp_path: P
     assert result.returncode == 2
     line = one_line_error(result, "REALTIME_DATABASE_URL", "in the environment")
     assert "s3cr3t-pw" not in line and "replica" not in line
+
+
+def test_token_with_a_mistyped_secret_variable_says_which_name_was_meant(tmp_path: Path) -> None:
+    result = run_cli("token", "--sub", "456", env=clean_env(REALTIME_JWT_SECRT=SECRET), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "REALTIME_JWT_SECRT is not a setting and is ignored; did you mean REALTIME_JWT_SECRET?" in result.stderr
+    assert "REALTIME_JWT_SECRET is required" in result.stderr
+    assert SECRET not in result.stderr
