@@ -165,10 +165,6 @@ def _load(args: argparse.Namespace, env: Mapping[str, str], defaults: dict[str, 
     return load(env, getattr(args, "config", None), defaults=defaults, overrides=overrides)
 
 
-def _settings(args: argparse.Namespace, env: Mapping[str, str], defaults: dict[str, Any] | None = None) -> Settings:
-    return _load(args, env, defaults).settings
-
-
 def _warn(loaded: Loaded) -> None:
     """Log what the settings loader noticed but did not refuse (an unknown REALTIME_* variable)."""
     for line in loaded.warnings:
