@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import jwt
 
@@ -74,6 +74,14 @@ Print a token signed with REALTIME_JWT_SECRET (HS256), for development and tests
 --sub <user id>, or a service token with --scope realtime:publish. Needs no database."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line that says where the help is (not a usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _add_config(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--config", type=Path, metavar="FILE",
                      help="a TOML file of settings (keys are the variable names without REALTIME_, in lower "
@@ -91,8 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     from realtime_service import __version__
 
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="realtime-service", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=formatter)
+    parser = _Parser(prog="realtime-service", description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the server (production)", description=_SERVE_HELP, epilog=EPILOG,

@@ -460,3 +460,16 @@ def test_token_with_a_mistyped_secret_variable_says_which_name_was_meant(tmp_pat
     assert "REALTIME_JWT_SECRT is not a setting and is ignored; did you mean REALTIME_JWT_SECRET?" in result.stderr
     assert "REALTIME_JWT_SECRET is required" in result.stderr
     assert SECRET not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (("serve", "--port", "abc"), ("realtime-service serve: argument --port: invalid int value: 'abc'",
+                                  "realtime-service serve --help")),
+    (("token",), ("--sub", "realtime-service token --help")),
+    (("frobnicate",), ("invalid choice: 'frobnicate'", "realtime-service --help")),
+])
+def test_a_usage_mistake_is_one_line_pointing_at_the_help(tmp_path: Path, args: tuple[str, ...],
+                                                          needles: tuple[str, ...]) -> None:
+    result = run_cli(*args, env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 2
+    one_line_error(result, *needles)
