@@ -43,6 +43,8 @@ class Connection:
         "epoch",
         "expires_at",
         "highest_sent",
+        "kept",
+        "kept_written",
         "outbox",
         "pending",
         "phase",
@@ -76,6 +78,8 @@ class Connection:
         self.subscribed = False  # holds one reference on the broker's subscription to its diagnosis
         self.confirming: object | None = None  # the cursor write under way (the node's task), if any
         self.confirm_next = 0  # the highest offset confirmed while that write was under way
+        self.kept: tuple[str, ...] = ()  # ids of the kept personal messages its replay carried, until confirmed
+        self.kept_written = False  # the replay carrying them was written to the socket
 
     def deliver(self, frame: bytes, offset: int | None) -> bool:
         """Hand a live frame over, already WebSocket-framed (`wsframe.text`); False when closed or overflowing."""
@@ -130,6 +134,10 @@ class Connection:
         self.awaiting_pong = True
         self.outbox.ping()
         self.transport.wake()
+
+    def wrote(self) -> None:
+        """The transport wrote what was queued: the replay, and the kept messages in it, left for the client."""
+        self.kept_written = True
 
     def next_ping(self, written_offset: int) -> bytes:
         """The payload of the PING being written now; remembers what was written before it for its PONG."""

@@ -116,8 +116,8 @@ class Node:
             if epoch is None or conn.epoch != epoch:
                 conn.close(CloseReason.SERVICE_RESTART)
 
-    def _on_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, frame: bytes,
-                     origin: str) -> None:
+    def _on_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, message_id: str,
+                     frame: bytes, origin: str) -> None:
         """A personal message another node published for a user it saw connected here."""
         if origin == self.cluster.node_id:
             return
@@ -125,7 +125,7 @@ class Node:
         self.metrics.deliveries.inc(delivered)
         if delivered == 0 and not self._has_live(diagnosis_id, user_id):
             # that connection left meanwhile: keep the message for the user's next connection (PROTOCOL 3.8)
-            task = asyncio.create_task(self.broker.push_personal(diagnosis_id, user_id, frame))
+            task = asyncio.create_task(self.broker.push_personal(diagnosis_id, user_id, message_id, frame))
             self._background.add(task)
             task.add_done_callback(self._background_done)
 
@@ -215,7 +215,9 @@ class Node:
                 position = history.position
                 recovered = history.oldest - 1 <= cursor.offset
                 replay = [p.frame for p in history.publications]
-        personal = await self.broker.take_personal(diagnosis_id, user_id)
+        kept = await self.broker.kept_personal(diagnosis_id, user_id)
+        personal = [frame for _message_id, frame in kept]
+        conn.kept = tuple(message_id for message_id, _frame in kept)  # they leave the inbox once confirmed
         conn.epoch = position.epoch
         first = [frames.connect_frame(diagnosis_id, user_id, conn.session, position.offset, position.epoch)]
         if resume.since is not None or replay or personal:
@@ -234,12 +236,15 @@ class Node:
                 log.warning("unsubscribe failed for a diagnosis", exc_info=True)
 
     async def confirm(self, conn: Connection, offset: int) -> None:
-        """The client has everything up to `offset` (ack, or a PONG after those frames were written).
+        """The client has everything up to `offset` (ack, or a PONG after those frames were written), and the kept
+        personal messages it was sent, once they were written.
 
         The cursor is written in the background, one write per connection at a time (later confirmations
         coalesce): a slow or paused broker must not stall the reader, or its PONGs would go unread and the
         connection would be dropped as silent.
         """
+        if conn.kept and conn.kept_written:
+            self._drop_kept(conn)
         offset = min(offset, conn.highest_sent)
         if offset <= 0 or not conn.epoch:
             return
@@ -250,6 +255,14 @@ class Node:
         conn.confirming = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _drop_kept(self, conn: Connection) -> None:
+        """The kept personal messages this connection was sent reached it: they leave the inbox (PROTOCOL 3.8).
+        If the broker cannot be told, they stay and come again on the next connection (same message_id)."""
+        message_ids, conn.kept = conn.kept, ()
+        task = asyncio.create_task(self.broker.drop_personal(conn.diagnosis_id, conn.user_id, message_ids))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
 
     async def _write_cursor(self, conn: Connection, offset: int) -> None:
         try:
@@ -300,16 +313,17 @@ class Node:
         diagnosis_id = body.diagnosis_id
         target = body.personal_user()
         if target is not None:
-            frame = frames.personal_frame(body.frame_type(), diagnosis_id, target, body.frame_data())
+            message_id = frames.new_message_id()
+            frame = frames.personal_frame(body.frame_type(), diagnosis_id, target, body.frame_data(), message_id)
             # Every broker step first: if one fails (503), nothing of the message went anywhere.
             position = await self.broker.position(diagnosis_id)
             here = self._has_live(diagnosis_id, target)
             elsewhere = await self.cluster.user_elsewhere(diagnosis_id, target)
             if elsewhere:
-                await self.broker.publish_personal(diagnosis_id, target, body.exclude_session, frame,
+                await self.broker.publish_personal(diagnosis_id, target, body.exclude_session, message_id, frame,
                                                    self.cluster.node_id)
             elif not here:
-                await self.broker.push_personal(diagnosis_id, target, frame)
+                await self.broker.push_personal(diagnosis_id, target, message_id, frame)
             delivered = self.hub.fanout(diagnosis_id, frame, None, body.exclude_session, target)
             self.metrics.publishes.labels("personal").inc()
             self.metrics.deliveries.inc(delivered)

@@ -320,35 +320,41 @@ async def test_reset_cursor_sets_the_position(broker: Broker) -> None:
 # -- personal inboxes ------------------------------------------------------------------------------------------
 
 
-async def test_personal_messages_are_taken_once_oldest_first(broker: Broker) -> None:
-    await broker.push_personal(DID, 7, b'{"n":1}')
-    await broker.push_personal(DID, 7, b'{"n":2}')
-    assert await broker.take_personal(DID, 7) == [b'{"n":1}', b'{"n":2}']
-    assert await broker.take_personal(DID, 7) == []
+async def test_kept_personal_messages_stay_until_dropped_oldest_first(broker: Broker) -> None:
+    await broker.push_personal(DID, 7, "m1", b'{"n":1}')
+    await broker.push_personal(DID, 7, "m2", b'{"n":2}')
+    assert await broker.kept_personal(DID, 7) == [("m1", b'{"n":1}'), ("m2", b'{"n":2}')]
+    # sent to a connection that died before confirming: still there for the next one
+    assert await broker.kept_personal(DID, 7) == [("m1", b'{"n":1}'), ("m2", b'{"n":2}')]
+    await broker.drop_personal(DID, 7, ["m1"])
+    assert await broker.kept_personal(DID, 7) == [("m2", b'{"n":2}')]
+    await broker.drop_personal(DID, 7, ["m2", "unknown"])
+    assert await broker.kept_personal(DID, 7) == []
 
 
 async def test_personal_inbox_is_per_user_and_diagnosis(broker: Broker) -> None:
-    await broker.push_personal(DID, 7, b"a")
-    await broker.push_personal(DID, 8, b"b")
-    await broker.push_personal(OTHER_DID, 7, b"c")
-    assert await broker.take_personal(DID, 8) == [b"b"]
-    assert await broker.take_personal(OTHER_DID, 7) == [b"c"]
-    assert await broker.take_personal(DID, 7) == [b"a"]
+    await broker.push_personal(DID, 7, "a", b"a")
+    await broker.push_personal(DID, 8, "b", b"b")
+    await broker.push_personal(OTHER_DID, 7, "c", b"c")
+    assert await broker.kept_personal(DID, 8) == [("b", b"b")]
+    assert await broker.kept_personal(OTHER_DID, 7) == [("c", b"c")]
+    await broker.drop_personal(DID, 7, ["b", "c"])  # ids of other inboxes drop nothing here
+    assert await broker.kept_personal(DID, 7) == [("a", b"a")]
 
 
 async def test_personal_inbox_is_bounded_dropping_the_oldest(broker: Broker) -> None:
     for n in range(INBOX_SIZE + 2):
-        await broker.push_personal(DID, 7, b"%d" % n)
-    assert await broker.take_personal(DID, 7) == [b"%d" % n for n in range(2, INBOX_SIZE + 2)]
+        await broker.push_personal(DID, 7, f"m{n}", b"%d" % n)
+    assert await broker.kept_personal(DID, 7) == [(f"m{n}", b"%d" % n) for n in range(2, INBOX_SIZE + 2)]
 
 
 async def test_personal_messages_expire_with_history_ttl(harness: BrokerHarness) -> None:
     broker = harness.broker
-    await broker.push_personal(DID, 7, b"old")
+    await broker.push_personal(DID, 7, "old", b"old")
     await harness.advance(HISTORY_TTL / 2)
-    await broker.push_personal(DID, 7, b"new")
+    await broker.push_personal(DID, 7, "new", b"new")
     await harness.advance(HISTORY_TTL / 2 + 1)
-    assert await broker.take_personal(DID, 7) == [b"new"]
+    assert await broker.kept_personal(DID, 7) == [("new", b"new")]
 
 
 # -- idempotency ------------------------------------------------------------------------------------------------
@@ -420,7 +426,7 @@ async def test_memory_sweep_frees_expired_history_and_inboxes_without_losing_the
     broker = MemoryBroker(HISTORY_SIZE, HISTORY_TTL, INBOX_SIZE, IDEMPOTENCY_TTL, clock=lambda: now[0])
     for i in range(3):
         await broker.publish(7, b'{"i":%d}' % i)
-    await broker.push_personal(7, 42, b'{"personal":true}')
+    await broker.push_personal(7, 42, "m", b'{"personal":true}')
     before = await broker.position(7)
     now[0] += HISTORY_TTL + 1
     broker.sweep()

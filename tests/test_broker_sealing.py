@@ -104,16 +104,17 @@ async def test_no_message_body_in_redis_or_on_the_wire_to_it(redis_url: str, raw
         publication = await broker.publish(DID, body)
         assert MARKER.encode() in publication.frame  # the node itself works with the clear frame
         assert [p.frame for p in received] == [publication.frame]
-        await broker.push_personal(DID, 7, frames.personal_frame("dm", DID, 7, {"text": MARKER}))
-        await broker.publish_personal(DID, 8, None, frames.personal_frame("dm", DID, 8, {"text": MARKER}), "other")
+        await broker.push_personal(DID, 7, "m7", frames.personal_frame("dm", DID, 7, {"text": MARKER}))
+        await broker.publish_personal(DID, 8, None, "m8", frames.personal_frame("dm", DID, 8, {"text": MARKER}),
+                                      "other")
         assert await broker.reserve_idempotency("svc", "k", "fp", "me", 15) is None
         await broker.complete_idempotency("svc", "k", "me", b'{"echo":"%s"}' % MARKER.encode())
         history = await broker.history(DID, 0)
         assert [p.frame for p in history.publications] == [publication.frame]
-        assert MARKER.encode() in (await broker.take_personal(DID, 7))[0]
+        assert MARKER.encode() in (await broker.kept_personal(DID, 7))[0][1]
         held = await broker.reserve_idempotency("svc", "k", "fp", "other", 15)
         assert held is not None and MARKER.encode() in held.result
-        await broker.push_personal(DID, 9, frames.personal_frame("dm", DID, 9, {"text": MARKER}))
+        await broker.push_personal(DID, 9, "m9", frames.personal_frame("dm", DID, 9, {"text": MARKER}))
         await raw.set(f"{prefix}-sentinel", "end")  # the last command MONITOR must have seen
         await asyncio.wait_for(ended.wait(), 10)
     finally:

@@ -126,6 +126,9 @@ async def test_personal_message_kept_offline_is_delivered_once(service: Service)
     assert len(replay) == 1
     assert [m["data"] for m in replay[0]["data"]["messages"]] == [{"n": 1}]
     assert first.frames[1] is replay[0]  # right after connect
+    await first.send({"type": "ack", "offset": 0})  # received: the message may leave the inbox (PROTOCOL 3.8)
+    await first.send({"type": "ping"})
+    await first.wait(lambda c: c.of_type("pong"), "the pong after the ack")
     await first.close()
     await wait_detached(service, did)
 
@@ -135,6 +138,58 @@ async def test_personal_message_kept_offline_is_delivered_once(service: Service)
         assert personal(again) == [], f"delivered twice (to {device})"
         await again.close()
         await wait_detached(service, did)
+
+
+async def test_a_kept_message_is_sent_again_until_a_connection_confirms_it(service: Service) -> None:
+    """A connection that got the kept message but vanished before confirming it (no ack, no PONG) does not use
+    it up: the next connection gets it again, with the same message_id so that the client drops the repeat."""
+    uid, did = service.seed.owned()
+    token = service.tokens.user(uid)
+    await service.publish(did, "nudge", {"n": 1}, user_id=uid)
+    first = await service.connect(did, token)
+    sent = (await first.wait(lambda c: personal(c), "the kept personal message"))[0]
+    assert isinstance(sent["message_id"], str) and sent["message_id"]
+    await first.close()  # without an ack; the server never PINGed it (long heartbeat), so nothing confirmed it
+    await wait_detached(service, did)
+
+    second = await service.connect(did, token)
+    again = (await second.wait(lambda c: personal(c), "the kept message, sent again"))[0]
+    assert again["message_id"] == sent["message_id"]
+    assert again["data"] == {"n": 1}
+    await second.send({"type": "ack", "offset": 0})
+    await second.send({"type": "ping"})
+    await second.wait(lambda c: c.of_type("pong"), "the pong after the ack")
+    await second.close()
+    await wait_detached(service, did)
+
+    async def gone() -> bool:
+        return await service.node.broker.kept_personal(did, uid) == []
+    third = await service.connect(did, token)
+    await barrier(service, did, third, 1)
+    assert personal(third) == [], "confirmed, yet sent again"
+    assert await gone()
+    await third.close()
+
+
+async def test_a_pong_after_the_kept_message_confirms_it(start_service: StartService) -> None:
+    """A client that never acks still confirms by answering the protocol PING written after the message."""
+    service = await start_service(heartbeat=0.3)
+    uid, did = service.seed.owned()
+    token = service.tokens.user(uid)
+    await service.publish(did, "nudge", {"n": 1}, user_id=uid)
+    first = await service.connect(did, token)  # aiohttp answers PINGs itself
+    await first.wait(lambda c: personal(c), "the kept personal message")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while await service.node.broker.kept_personal(did, uid):  # observable: the inbox the next connection reads
+        assert loop.time() < deadline, "no PONG confirmed the kept message"
+        await asyncio.sleep(0.05)
+    await first.close()
+    await wait_detached(service, did)
+    second = await service.connect(did, token)
+    await barrier(service, did, second, 1)
+    assert personal(second) == []
+    await second.close()
 
 
 async def test_personal_message_is_kept_while_the_users_only_connection_is_closing(

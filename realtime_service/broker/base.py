@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,8 +59,9 @@ PublicationHandler = Callable[[Publication], None]
 # (diagnosis id, the epoch now current, or None for every connection): live history was interrupted
 LostHandler = Callable[[int, str | None], None]
 ControlHandler = Callable[[bytes], None]
-# (diagnosis id, user id, exclude_session, frame, origin node) of a personal message another node published
-PersonalHandler = Callable[[int, int, str | None, bytes, str], None]
+# (diagnosis id, user id, exclude_session, message id, frame, origin node) of a personal message another node
+# published
+PersonalHandler = Callable[[int, int, str | None, str, bytes, str], None]
 
 
 class Broker(Protocol):
@@ -74,8 +75,8 @@ class Broker(Protocol):
     - The epoch of a diagnosis changes exactly when its history is lost; offsets then start again at 1.
     - Cursors only move forward within an epoch.
     - History keeps at most `history_max_bytes` of encoded frames per diagnosis (oldest evicted first).
-    - Personal messages wait in a bounded inbox per (diagnosis, user) for at most `history_ttl`, and are taken
-      once.
+    - Personal messages wait in a bounded inbox per (diagnosis, user) for at most `history_ttl`, until a
+      connection confirmed them.
     - The handler of a subscribed diagnosis never sees offset N+1 before N, nor one offset twice. When that can
       no longer be kept (history lost, or a gap it cannot fill), the lost-handler is told instead, so the node
       closes that diagnosis's connections for a resume.
@@ -97,8 +98,8 @@ class Broker(Protocol):
     def set_personal_handler(self, handler: PersonalHandler) -> None:
         """Where personal messages published on other nodes go, for subscribed diagnoses."""
 
-    async def publish_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, frame: bytes,
-                               origin: str) -> None:
+    async def publish_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None,
+                               message_id: str, frame: bytes, origin: str) -> None:
         """Hand a personal message to the other nodes serving the diagnosis (no-op on one node)."""
 
     async def publish_control(self, message: bytes) -> None:
@@ -144,11 +145,14 @@ class Broker(Protocol):
 
     async def cursors(self, diagnosis_id: int) -> list[Cursor]: ...
 
-    async def push_personal(self, diagnosis_id: int, user_id: int, frame: bytes) -> None:
+    async def push_personal(self, diagnosis_id: int, user_id: int, message_id: str, frame: bytes) -> None:
         """Keep a personal message for a user with no connection (bounded, oldest dropped first)."""
 
-    async def take_personal(self, diagnosis_id: int, user_id: int) -> list[bytes]:
-        """The kept personal messages, oldest first; they are removed (delivered once)."""
+    async def kept_personal(self, diagnosis_id: int, user_id: int) -> list[tuple[str, bytes]]:
+        """The kept personal messages (message id, frame), oldest first. They stay until `drop_personal`."""
+
+    async def drop_personal(self, diagnosis_id: int, user_id: int, message_ids: Sequence[str]) -> None:
+        """A connection confirmed these: they leave the inbox (PROTOCOL 3.8)."""
 
     async def reserve_idempotency(self, scope: str, key: str, fingerprint: str, token: str,
                                   lease: float) -> IdempotencyRecord | None:

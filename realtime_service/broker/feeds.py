@@ -72,7 +72,7 @@ class FeedSet:
         self.feeds: dict[int, Feed] = {}
         self.on_publication: PublicationHandler = lambda publication: None
         self.on_lost: LostHandler = lambda diagnosis_id, epoch: None
-        self.on_personal: PersonalHandler = lambda diagnosis_id, user_id, exclude, frame, origin: None
+        self.on_personal: PersonalHandler = lambda diagnosis_id, user_id, exclude, message_id, frame, origin: None
         self._fill_source = fill_source
         self._position_source = position_source
         self._events = events
@@ -163,8 +163,8 @@ class FeedSet:
         feed.pending[offset] = publication
         self.fill(diagnosis_id, feed)
 
-    def personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, body: bytes,
-                 origin: str) -> None:
+    def personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, message_id: str,
+                 body: bytes, origin: str) -> None:
         """A personal message from pub/sub, for a subscribed diagnosis."""
         if diagnosis_id not in self.feeds:
             return
@@ -173,7 +173,7 @@ class FeedSet:
             if opened is None:
                 return
             body = opened
-        self.on_personal(diagnosis_id, user_id, exclude_session, body, origin)
+        self.on_personal(diagnosis_id, user_id, exclude_session, message_id, body, origin)
 
     def _hand(self, feed: Feed, publication: Publication) -> None:
         feed.last = publication.offset
@@ -500,9 +500,10 @@ class PubSubLink:
         try:
             offset, epoch, exclude, body = data.split(b"\n", 3)
             diagnosis_id = int(channel[len(self._channel_prefix):])
-            if offset == b"0":  # a personal message: epoch carries the origin node, exclude "user|session"
-                user, _, session = exclude.partition(b"|")
-                self._feeds.personal(diagnosis_id, int(user), session.decode() or None, body, epoch.decode())
+            if offset == b"0":  # a personal message: epoch carries the origin node, exclude "user|session|id"
+                user, session, message_id = exclude.split(b"|", 2)
+                self._feeds.personal(diagnosis_id, int(user), session.decode() or None, message_id.decode(), body,
+                                     epoch.decode())
                 return
             self._feeds.arrive(diagnosis_id, int(offset), epoch.decode(), exclude.decode() or None, body)
         except ValueError:

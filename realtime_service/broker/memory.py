@@ -7,7 +7,7 @@ import contextlib
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from realtime_service.broker.base import (
@@ -64,7 +64,7 @@ class MemoryBroker:
         self._wall = wall
         self._streams: dict[int, _Stream] = {}
         self._cursors: dict[int, dict[tuple[int, str], Cursor]] = {}
-        self._inboxes: dict[tuple[int, int], deque[tuple[float, bytes]]] = {}
+        self._inboxes: dict[tuple[int, int], deque[tuple[float, str, bytes]]] = {}
         self._idempotency: OrderedDict[tuple[str, str], _Reservation] = OrderedDict()
         self._handler: PublicationHandler = lambda publication: None
         self._retained = 0
@@ -82,8 +82,8 @@ class MemoryBroker:
     def set_personal_handler(self, handler: PersonalHandler) -> None:
         return None
 
-    async def publish_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, frame: bytes,
-                               origin: str) -> None:
+    async def publish_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None,
+                               message_id: str, frame: bytes, origin: str) -> None:
         return None
 
     async def publish_control(self, message: bytes) -> None:
@@ -194,16 +194,28 @@ class MemoryBroker:
     async def cursors(self, diagnosis_id: int) -> list[Cursor]:
         return list(self._cursors.get(diagnosis_id, {}).values())
 
-    async def push_personal(self, diagnosis_id: int, user_id: int, frame: bytes) -> None:
+    async def push_personal(self, diagnosis_id: int, user_id: int, message_id: str, frame: bytes) -> None:
         inbox = self._inboxes.setdefault((diagnosis_id, user_id), deque(maxlen=self._inbox_size))
-        inbox.append((self._clock(), frame))
+        inbox.append((self._clock(), message_id, frame))
 
-    async def take_personal(self, diagnosis_id: int, user_id: int) -> list[bytes]:
-        inbox = self._inboxes.pop((diagnosis_id, user_id), None)
+    async def kept_personal(self, diagnosis_id: int, user_id: int) -> list[tuple[str, bytes]]:
+        inbox = self._inboxes.get((diagnosis_id, user_id))
         if not inbox:
             return []
         horizon = self._clock() - self._history_ttl
-        return [frame for stamp, frame in inbox if stamp > horizon]
+        return [(message_id, frame) for stamp, message_id, frame in inbox if stamp > horizon]
+
+    async def drop_personal(self, diagnosis_id: int, user_id: int, message_ids: Sequence[str]) -> None:
+        inbox = self._inboxes.get((diagnosis_id, user_id))
+        if inbox is None:
+            return
+        gone = set(message_ids)
+        kept = [entry for entry in inbox if entry[1] not in gone]
+        if kept:
+            inbox.clear()
+            inbox.extend(kept)
+        else:
+            del self._inboxes[(diagnosis_id, user_id)]
 
     def _expire_idempotency(self) -> None:
         now = self._clock()

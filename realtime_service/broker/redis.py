@@ -211,13 +211,14 @@ class RedisBroker:
             self._events("error", "control")
             raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
 
-    async def publish_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None, frame: bytes,
-                               origin: str) -> None:
+    async def publish_personal(self, diagnosis_id: int, user_id: int, exclude_session: str | None,
+                               message_id: str, frame: bytes, origin: str) -> None:
         """Send a personal message to the nodes serving the diagnosis (they deliver it to that user's
         connections); it carries no offset, so it travels beside the broadcasts as offset 0."""
         if self._sealer is not None:
             frame = self._sealer.seal(frame, personal_aad(diagnosis_id, user_id))
-        message = b"0\n%s\n%d|%s\n%s" % (origin.encode(), user_id, (exclude_session or "").encode(), frame)
+        message = b"0\n%s\n%d|%s|%s\n%s" % (origin.encode(), user_id, (exclude_session or "").encode(),
+                                            message_id.encode(), frame)
         try:
             await asyncio.wait_for(self.client.publish(self.keys.channel(diagnosis_id), message), self.timeout)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -368,25 +369,30 @@ class RedisBroker:
             raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
 
     # -- personal inboxes ----------------------------------------------------------------------------------------
-    async def push_personal(self, diagnosis_id: int, user_id: int, frame: bytes) -> None:
+    async def push_personal(self, diagnosis_id: int, user_id: int, message_id: str, frame: bytes) -> None:
         if self._sealer is not None:
             frame = self._sealer.seal(frame, personal_aad(diagnosis_id, user_id))
-        entry = b"%d|%s" % (_ms(self._clock()), frame)
+        entry = b"%d|%s|%s" % (_ms(self._clock()), message_id.encode(), frame)
         await self._call("push_personal", "inbox", (self.keys.inbox(diagnosis_id, user_id),),
-                         ("push", entry, self._inbox_size, self._ttl_ms))
+                         ("push", self._inbox_size, self._ttl_ms, entry))
 
-    async def take_personal(self, diagnosis_id: int, user_id: int) -> list[bytes]:
-        entries = await self._call("take_personal", "inbox", (self.keys.inbox(diagnosis_id, user_id),),
-                                   ("take", "", 0, 0))
+    async def kept_personal(self, diagnosis_id: int, user_id: int) -> list[tuple[str, bytes]]:
+        entries = await self._call("kept_personal", "inbox", (self.keys.inbox(diagnosis_id, user_id),),
+                                   ("list", 0, 0))
         horizon = _ms(self._clock()) - self._ttl_ms
         out = []
         for entry in entries:
-            stamp, frame = entry.split(b"|", 1)
+            stamp, message_id, frame = bytes(entry).split(b"|", 2)
             if int(stamp) > horizon:
                 opened = self._open(frame, personal_aad(diagnosis_id, user_id))
                 if opened is not None:
-                    out.append(opened)
+                    out.append((message_id.decode(), opened))
         return out
+
+    async def drop_personal(self, diagnosis_id: int, user_id: int, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await self._call("drop_personal", "inbox", (self.keys.inbox(diagnosis_id, user_id),),
+                             ("drop", 0, 0, *message_ids))
 
     # -- idempotency ------------------------------------------------------------------------------------------------
     async def reserve_idempotency(self, scope: str, key: str, fingerprint: str, token: str,

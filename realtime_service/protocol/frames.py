@@ -39,10 +39,14 @@ def with_position(body: bytes, offset: int, epoch: str) -> bytes:
     return b"%s,\"offset\":%d,\"epoch\":%s}" % (body[:-1], offset, encode(epoch))
 
 
-def personal_frame(type_: str, diagnosis_id: int, user_id: int, data: Any) -> bytes:
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+def personal_frame(type_: str, diagnosis_id: int, user_id: int, data: Any, message_id: str | None = None) -> bytes:
     """A message for one user: no offset, but a unique `message_id`, so a client drops a repeat (PROTOCOL 3.8)."""
-    return encode({"type": type_, "message_id": uuid.uuid4().hex, "diagnosis_id": diagnosis_id, "user_id": user_id,
-                   "data": data, "timestamp": utc_now()})
+    return encode({"type": type_, "message_id": message_id or new_message_id(), "diagnosis_id": diagnosis_id,
+                   "user_id": user_id, "data": data, "timestamp": utc_now()})
 
 
 def connect_frame(diagnosis_id: int, user_id: int, session: str, offset: int, epoch: str) -> bytes:

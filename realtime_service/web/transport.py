@@ -146,6 +146,8 @@ class WebSocketTransport:
                 transport.write(frame)
                 if offset is not None:
                     conn.written_offset = offset
+                if conn.kept:
+                    conn.wrote()
                 self._idle.set()
                 return
             outbox.force(frame, offset)
@@ -161,6 +163,8 @@ class WebSocketTransport:
                 written = offset
         transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         conn.written_offset = written
+        if conn.kept:
+            conn.wrote()
         self._idle.set()
 
     async def _drain(self) -> None:
@@ -204,6 +208,8 @@ class WebSocketTransport:
             await self.ws.send_str(_payload(frame).decode())
             if offset is not None:
                 conn.written_offset = offset
+            if conn.kept:
+                conn.wrote()
 
     # -- closing -----------------------------------------------------------------------------------------
     async def run_until_closed(self, reader: asyncio.Task[None] | None,

@@ -351,5 +351,5 @@ async def _pong(conn: Connection, node: Node, payload: bytes) -> None:
     mark = conn.ping_marks.pop(seq, None)
     for older in [s for s in conn.ping_marks if s < seq]:
         del conn.ping_marks[older]
-    if mark:
+    if mark is not None:  # even at offset 0 it confirms the kept personal messages written before the PING
         await node.confirm(conn, mark)
