@@ -315,6 +315,22 @@ async def test_sigterm_drains_every_worker_with_1012_and_exits_0(
     assert not metrics_dirs[0].exists()  # the parent removed the metrics folder
 
 
+async def test_a_worker_that_does_not_stop_is_killed_at_the_end_of_the_grace_period(
+        pg_dsn: str, redis_url: str, tmp_path: Path, servers: list[ServerProcess]) -> None:
+    grace = 3.0
+    env = workers_env(pg_dsn, redis_url, tmp_path, REALTIME_DRAIN_PERIOD="0.2", REALTIME_SHUTDOWN_GRACE=str(grace))
+    server = await start_workers(env, tmp_path, servers)
+    pids = worker_pids(server)
+    os.kill(pids[1], signal.SIGSTOP)  # hung: it cannot act on SIGTERM
+    code, elapsed = await server.terminate(timeout=grace + 5)
+    assert code == 0, server.text
+    assert elapsed < grace + 0.5, f"exit took {elapsed:.2f}s, grace is {grace}s"
+    assert "still running after the grace period: killing them" in server.text
+    assert f"worker 1 (pid {pids[1]}) killed by SIGKILL" in server.text
+    assert f"worker 2 (pid {pids[2]}) exited with code 0" in server.text
+    assert not any(alive(pid) for pid in pids.values())
+
+
 async def test_workers_leave_when_the_supervisor_is_killed(
         pg_dsn: str, redis_url: str, tmp_path: Path, servers: list[ServerProcess]) -> None:
     env = workers_env(pg_dsn, redis_url, tmp_path, REALTIME_DRAIN_PERIOD="0.2", REALTIME_SHUTDOWN_GRACE="5")
