@@ -199,18 +199,18 @@ async def test_connections_land_on_both_workers_a_publish_reaches_all_and_metric
                 str(pid) in value for pid in pids.values() for value in scrape.label_values())
 
         # /ws/status and presence count both workers (each is a node of the cluster), whichever answers.
-        async def status() -> dict[str, Any]:
+        async def ws_status() -> dict[str, Any]:
             _, body = await fresh_get(f"http://127.0.0.1:{server.port}/ws/status")
             answer: dict[str, Any] = json.loads(body)
             return answer
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
-        while (await status())["connections"] != 20:  # presence is written a moment after a change
-            assert loop.time() < deadline, await status()
+        while (await ws_status())["connections"] != 20:  # presence is written a moment after a change
+            assert loop.time() < deadline, await ws_status()
             await asyncio.sleep(0.05)
         for _ in range(6):
-            assert (await status())["connections"] == 20
+            assert (await ws_status())["connections"] == 20
             status_code, body = await fresh_get(f"http://127.0.0.1:{server.port}/readyz")
             assert status_code == 200, body
         async with http.get(f"http://127.0.0.1:{server.port}/api/v1/diagnoses/{did}/presence",
