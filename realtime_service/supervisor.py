@@ -178,10 +178,13 @@ class Supervisor:
 
     def _reload(self) -> None:
         """Only to workers that are ready: before its handler is installed, SIGHUP would end a worker."""
-        for slot in self.slots:
-            if slot.process is not None and slot.process.returncode is None and slot.ready.is_set():
-                with contextlib.suppress(ProcessLookupError):
-                    slot.process.send_signal(signal.SIGHUP)
+        ready = [slot for slot in self.slots
+                 if slot.process is not None and slot.process.returncode is None and slot.ready.is_set()]
+        log.info("SIGHUP: passing it to %d worker(s)", len(ready))
+        for slot in ready:
+            assert slot.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.send_signal(signal.SIGHUP)
 
     def _signal_all(self, sig: signal.Signals) -> None:
         for slot in self.slots:

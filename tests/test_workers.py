@@ -217,6 +217,16 @@ async def test_connections_land_on_both_workers_a_publish_reaches_all_and_metric
                             headers={"Authorization": f"Bearer {tokens.service()}"}) as resp:
             assert resp.status == 200
             assert (await resp.json())["users"][0]["connections"] == 20
+
+        # SIGHUP (re-read the key files) is passed on to the workers: nobody dies of it, no client is touched.
+        server.proc.send_signal(signal.SIGHUP)
+        await server.wait_for(lambda _text: supervisor_said(server, "SIGHUP: passing it to 2 worker(s)"),
+                              "the supervisor to pass SIGHUP on")
+        await publish(http, server.port, tokens, did, "after_sighup", {"n": 2})
+        for client in clients:
+            await client.next_of("after_sighup")
+        assert server.proc.returncode is None and all(alive(pid) for pid in pids.values())
+        assert worker_pids(server) == pids
         for client in clients:
             await client.close()
 
