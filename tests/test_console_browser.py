@@ -259,7 +259,9 @@ async def test_console_reconnects_and_resumes_by_itself(pg_dsn: str, seed: Seede
             await expect(row(page, "closed")).to_contain_text('"code":1012', timeout=WAIT_MS)
             await service.start()
             await rt.publish(did, "while_away", {})
-            await expect(page.locator("#conn-state")).to_have_text("connected", timeout=WAIT_MS)
+            # The console keeps the module's default backoff (0.5 s doubling, full jitter): a few attempts
+            # may fail while the node is down, so the way back can take several seconds.
+            await expect(page.locator("#conn-state")).to_have_text("connected", timeout=4 * WAIT_MS)
             await rt.publish(did, "after", {})
         await expect(row(page, "after", 3)).to_have_count(1, timeout=WAIT_MS)
         await expect(row(page, "while_away", 2)).to_have_count(1)
