@@ -42,6 +42,7 @@ import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from realtime_service.settings import ConfigError
@@ -59,7 +60,11 @@ KILL_MARGIN = 0.5  # seconds of the grace period kept for killing stragglers and
 READY = "ready"
 ERROR = "error"
 _LENGTH = struct.Struct(">I")
-_WORKER_CODE = "from realtime_service.supervisor import worker_main; raise SystemExit(worker_main())"
+# Where this package was imported from, appended to the worker's path: a parent started as `python -m
+# realtime_service` from a source folder (cwd on its path, not on the worker's, see -P) starts workers that find it.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_WORKER_CODE = (f"import sys; sys.path.append({_PACKAGE_ROOT!r}); "
+                "from realtime_service.supervisor import worker_main; raise SystemExit(worker_main())")
 
 
 @dataclass(frozen=True)
