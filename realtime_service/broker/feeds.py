@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("realtime.broker")
 
+MAX_PENDING = 10_000  # publications one diagnosis may hold back while waiting for a gap to be filled
 FillSource = Callable[[int, int], Awaitable[History]]
 Opener = Callable[[bytes, bytes], "bytes | None"]  # (sealed body, associated data) -> plaintext or None
 PositionSource = Callable[[int], Awaitable[StreamPosition]]
@@ -67,7 +68,8 @@ class FeedSet:
     """Every diagnosis this node is subscribed to, with reference counts (one per local connection)."""
 
     def __init__(self, keys: Keys, fill_source: FillSource, position_source: PositionSource, events: Events,
-                 fill_after: float, timeout: float, opener: Opener | None = None) -> None:
+                 fill_after: float, timeout: float, opener: Opener | None = None,
+                 reset_epoch: Callable[[int, str], Awaitable[None]] | None = None) -> None:
         self.keys = keys
         self.feeds: dict[int, Feed] = {}
         self.on_publication: PublicationHandler = lambda publication: None
@@ -79,6 +81,7 @@ class FeedSet:
         self._fill_after = fill_after
         self._timeout = timeout
         self._opener = opener
+        self._reset_epoch = reset_epoch
 
     # -- membership ----------------------------------------------------------------------------------------
     def add(self, diagnosis_id: int) -> tuple[Feed, bool]:
@@ -144,6 +147,10 @@ class FeedSet:
                 return
             body = opened
         publication = Publication(diagnosis_id, offset, epoch, with_position(body, offset, epoch), exclude_session)
+        if len(feed.pending) >= MAX_PENDING:
+            # far behind (a fill that cannot finish): what waits here is in the stream too, so let it go and
+            # let the next fill read it from there instead of holding it in memory
+            feed.pending.clear()
         if not feed.ready.done() or feed.filling is not None:
             feed.pending[offset] = publication
             if feed.filling is not None:
@@ -241,6 +248,15 @@ class FeedSet:
                 if self.feeds.get(diagnosis_id) is not feed:
                     return
                 position = history.position
+                if position.epoch == feed.epoch and position.offset < feed.last and self._reset_epoch is not None:
+                    log.warning("diagnosis %s: the broker's offsets went back (%d after %d handed on): an older copy "
+                                "of its data; starting a new history", diagnosis_id, position.offset, feed.last)
+                    try:
+                        await self._reset_epoch(diagnosis_id, position.epoch)
+                    except BrokerUnavailable:
+                        return
+                    feed.refill = True  # read again: the new epoch then closes the connections for a resume
+                    continue
                 if position.epoch != feed.epoch:
                     log.warning("diagnosis %s: the broker's history was lost (new epoch); closing its connections "
                                 "for a resume", diagnosis_id)
@@ -430,19 +446,20 @@ class PubSubLink:
         return backoff
 
     async def _feeds_verify(self) -> None:
-        """Notice history lost without any publish (a FLUSHALL): compare each served diagnosis's epoch."""
+        """Notice history lost without any publish (a FLUSHALL), or offsets gone back (an older copy of the data):
+        compare each served diagnosis's epoch and newest offset with what this node handed on."""
         feeds = [(d, f) for d, f in self._feeds.feeds.items() if f.ready.done() and f.filling is None]
         if not feeds:
             return
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for diagnosis_id, _feed in feeds:
-                    pipe.hget(self._keys.meta(diagnosis_id), "e")
-                epochs = await asyncio.wait_for(pipe.execute(), self._timeout)
+                    pipe.hmget(self._keys.meta(diagnosis_id), "e", "o")
+                metas = await asyncio.wait_for(pipe.execute(), self._timeout)
         except (RedisError, OSError, TimeoutError):
             return
-        for (diagnosis_id, feed), epoch in zip(feeds, epochs, strict=True):
-            if epoch is None or epoch.decode() != feed.epoch:
+        for (diagnosis_id, feed), (epoch, offset) in zip(feeds, metas, strict=True):
+            if epoch is None or epoch.decode() != feed.epoch or int(offset or 0) < feed.last:
                 self._feeds.fill(diagnosis_id, feed)
 
     async def _session(self, conn: Any, queue: asyncio.Queue[tuple[str, str]]) -> None:

@@ -48,7 +48,7 @@ ACTIVE_NOTE_MS = 1000
 SEAL_ATTEMPTS = 50  # publishes of other nodes that may overtake one sealed publish before it gives up
 PUBLISH_ID_TTL_MS = 10_000  # a retried publish comes within the publish deadline; remember its id a while longer
 SCRIPTS = ("publish", "position", "history", "retained", "cursor", "inbox", "idempotency", "beat", "live_nodes",
-           "user_connections")
+           "user_connections", "epoch_reset")
 Events = Callable[[str, str], None]  # (event, detail): errors, reconnects, gap fills, catch-ups for metrics
 
 
@@ -112,6 +112,14 @@ class Scripts:
                         for name in SCRIPTS}
         self._sha = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._source.items()}
 
+    def sha(self, name: str) -> str:
+        return self._sha[name]
+
+    async def ensure_loaded(self, name: str) -> None:
+        """Before a pipeline of EVALSHA (which cannot fall back one by one): load the script if Redis lost it."""
+        if not (await self._client.script_exists(self._sha[name]))[0]:
+            await self._client.script_load(self._source[name])
+
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
             return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
@@ -141,15 +149,18 @@ class RedisBroker:
         # script is safe to run twice: a publish carries its own id and answers a retry with the first result.
         retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 2,
                       supported_errors=(RedisConnectionError, RedisTimeoutError))
-        self.client: redis.Redis = redis.Redis.from_url(
+        # A blocking pool: a burst of publishes waits for a free connection instead of failing "too many".
+        pool = redis.BlockingConnectionPool.from_url(
             url, socket_timeout=timeout + 1.0, socket_connect_timeout=timeout, retry=retry,
-            health_check_interval=0, max_connections=64)
+            health_check_interval=0, max_connections=64, timeout=timeout)
+        self.client: redis.Redis = redis.Redis(connection_pool=pool)
         self.scripts = Scripts(self.client)
         self._noted: dict[int, int] = {}
         self._newest: dict[int, int] = {}  # newest offset this node saw per diagnosis (sealing predicts the next)
         self._sealer = sealer
         self.feeds = FeedSet(self.keys, self._fill_source, self._position_source, self._events,
-                             fill_after=0.15, timeout=timeout, opener=self._open if sealer else None)
+                             fill_after=0.15, timeout=timeout, opener=self._open if sealer else None,
+                             reset_epoch=self._reset_epoch)
         self._link = PubSubLink(self.client, self.keys, self.feeds, self._events, timeout=timeout)
 
     # -- lifecycle and handlers ------------------------------------------------------------------------------
@@ -251,6 +262,9 @@ class RedisBroker:
             raise BrokerUnavailable("the broker ran the publish too late; nothing was published")
         offset, epoch = int(result[0]), result[1].decode()
         self._newest[diagnosis_id] = offset
+        feed = self.feeds.feeds.get(diagnosis_id)
+        if feed is not None and feed.ready.done() and feed.epoch == epoch and offset <= feed.last:
+            self.feeds.fill(diagnosis_id, feed)  # offsets went back: the fill starts a new epoch
         await self._note_active(diagnosis_id, now)
         publication = Publication(diagnosis_id, offset, epoch, with_position(body, offset, epoch), exclude_session)
         await self.feeds.wait_delivered(diagnosis_id, offset, epoch)
@@ -291,6 +305,10 @@ class RedisBroker:
         except (RedisError, OSError):
             self._events("error", "active")
 
+    async def _reset_epoch(self, diagnosis_id: int, epoch: str) -> None:
+        await self._call("epoch_reset", "epoch_reset", (self.keys.meta(diagnosis_id), self.keys.stream(diagnosis_id)),
+                         (epoch, _new_epoch(), self._ttl_ms))
+
     async def position(self, diagnosis_id: int) -> StreamPosition:
         return await self._position_source(diagnosis_id)
 
@@ -324,8 +342,17 @@ class RedisBroker:
         except (RedisError, OSError) as exc:
             self._events("error", "retained")
             raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
-        counts = await asyncio.gather(*(self._call("retained", "retained", (self.keys.stream(int(m)),),
-                                                   (now, self._ttl_ms)) for m in members))
+        if not members:
+            return 0
+        try:
+            await self.scripts.ensure_loaded("retained")
+            async with self.client.pipeline(transaction=False) as pipe:
+                for member in members:
+                    pipe.evalsha(self.scripts.sha("retained"), 1, self.keys.stream(int(member)), now, self._ttl_ms)
+                counts = await asyncio.wait_for(pipe.execute(), self.timeout + 1.5)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._events("error", "retained")
+            raise BrokerUnavailable(f"the broker did not answer ({type(exc).__name__})") from None
         return sum(int(c) for c in counts)
 
     # -- cursors -----------------------------------------------------------------------------------------------
