@@ -342,3 +342,19 @@ async def test_personal_messages_arrive_once_with_their_message_id(service: Serv
     ids = [i["message_id"] for i in follower.items[:2]]
     assert all(isinstance(i, str) and i for i in ids) and ids[0] != ids[1]
     assert "offset" not in follower.items[0]
+
+
+async def test_an_upgrade_refused_with_retry_after_is_retried_no_sooner(start_service: StartService,
+                                                                       followers: list[Follower]) -> None:
+    """HTTP 429 before the upgrade (too many attempts from this address) carries Retry-After; the client waits
+    at least that long, then gets in."""
+    service = await start_service(connect_rate=0.5, connect_burst=1)
+    uid, did = service.seed.owned()
+    follower = follow(followers, ws_base(service), did, service.tokens.user(uid))
+    await follower.wait(lambda f: f.lives() == 1, "live")
+    second = follow(followers, ws_base(service), did, service.tokens.user(uid), device="second")
+    await second.wait(lambda f: any(s.state == "reconnecting" for s in f.states), "a refused attempt")
+    refused = next(s for s in second.states if s.state == "reconnecting")
+    assert refused.reason == "http_429"
+    assert refused.delay is not None and refused.delay >= 1.0  # Retry-After, though FAST backoff caps at 0.3 s
+    await second.wait(lambda f: f.lives() == 1, "live after waiting", timeout=WAIT)

@@ -36,6 +36,7 @@ from realtime_service.client.policy import (
 from realtime_service.client.sequence import Item, Position, Resume, Sequencer, is_broadcast
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
+MAX_RETRY_AFTER = 30.0
 CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the upgrade; a black-holed network is retried, not waited on
 CLOSE_MESSAGES = {
     "invalid_token": "the service refused the token (signature, algorithm or claims); get a new one",
@@ -64,6 +65,14 @@ def socket_url(url: str, diagnosis_id: int) -> str:
     if not (base.startswith("ws://") or base.startswith("wss://")) or "?" in base or "#" in base:
         raise ValueError("url is the service's base: ws://, wss://, http:// or https:// without a query")
     return f"{base}/ws/{diagnosis_id}"
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds from a Retry-After header (capped: a wrong header must not park a client for hours)."""
+    try:
+        return min(MAX_RETRY_AFTER, max(0.0, float(value))) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 async def _get_token(token: TokenSource) -> str:
@@ -108,6 +117,7 @@ async def subscribe(url: str, diagnosis_id: int, token: TokenSource, device: str
         while True:
             report(State("connecting", attempt=attempt))
             code, reason = ABNORMAL, ""
+            retry_after = 0.0
             try:
                 first = await _get_token(token)
             except Exception:  # the application's callable failed: try again later, like a failed connect
@@ -122,7 +132,10 @@ async def subscribe(url: str, diagnosis_id: int, token: TokenSource, device: str
                 except aiohttp.WSServerHandshakeError as exc:
                     if exc.status in (400, 403, 404):  # refused before the upgrade: not something a retry fixes
                         reason = {403: "origin_not_allowed", 404: "diagnosis_not_found"}.get(exc.status, "refused")
+                        report(State("closed", None, reason))
                         raise Refused(reason, f"HTTP {exc.status} before the upgrade", status=exc.status) from None
+                    reason = f"http_{exc.status}"  # 429 or 503 (full, restarting): wait as long as it asks
+                    retry_after = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
                 except (aiohttp.ClientError, OSError, TimeoutError):
                     pass
                 else:
@@ -149,6 +162,7 @@ async def subscribe(url: str, diagnosis_id: int, token: TokenSource, device: str
                 report(State("closed", code, reason))
                 raise error_for(reason, CLOSE_MESSAGES.get(reason, f"the service closed the connection {code}"),
                                 close_code=code)
+            delay = max(delay, retry_after)
             attempt += 1
             report(State("reconnecting", code, reason, delay, attempt))
             await asyncio.sleep(delay)
