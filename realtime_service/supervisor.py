@@ -378,6 +378,9 @@ def worker_main() -> int:
     from realtime_service.listening import BindError, bind_sockets
     from realtime_service.logs import configure_logging
 
+    # Until run_server installs its handlers, a stray SIGINT or SIGHUP must not end a starting worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Our stdout is the report channel to the parent; anything else printed goes to stderr with the logs.
     reports = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
