@@ -37,6 +37,7 @@ from realtime_service.client.sequence import Item, Position, Resume, Sequencer, 
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
 MAX_RETRY_AFTER = 30.0
+MIN_REFRESH_GAP = 1.0
 CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the upgrade; a black-holed network is retried, not waited on
 CLOSE_MESSAGES = {
     "invalid_token": "the service refused the token (signature, algorithm or claims); get a new one",
@@ -258,7 +259,8 @@ class _Connection:
 
     async def _refresh_forever(self) -> None:
         while not self.ws.closed and self.exp is not None:
-            await asyncio.sleep(refresh_delay(self.exp, time.time()))
+            # At least a second apart: a token callable handing out ever-shorter tokens must not flood the socket.
+            await asyncio.sleep(max(MIN_REFRESH_GAP, refresh_delay(self.exp, time.time())))
             try:
                 fresh = await _get_token(self.token)
             except Exception:

@@ -102,6 +102,8 @@ const MESSAGE_IDS_KEPT = 1000;
 const ACK_INTERVAL_MS = 1000;
 const PING_AFTER_MS = 25000;
 const PONG_WITHIN_MS = 10000;
+const MIN_REFRESH_GAP_MS = 1000;
+const MAX_TIMER_MS = 2147483647;
 
 function report(fn, value) {
   // An application callback that throws must not break the protocol; its error still reaches the console.
@@ -390,7 +392,14 @@ export function connect(options) {
     clearTimeout(conn.refreshTimer);
     conn.refreshTimer = null;
     if (typeof opts.token !== "function" || conn.exp === null) return;
-    conn.refreshTimer = setTimeout(() => refresh(conn), refreshDelay(conn.exp * 1000, Date.now()));
+    // At least a second apart (a token function handing out ever-shorter tokens must not flood the socket),
+    // and never a timer beyond what setTimeout can hold (longer ones would fire at once).
+    const delay = Math.max(MIN_REFRESH_GAP_MS, refreshDelay(conn.exp * 1000, Date.now()));
+    if (delay > MAX_TIMER_MS) {
+      conn.refreshTimer = setTimeout(() => planRefresh(conn), MAX_TIMER_MS);
+      return;
+    }
+    conn.refreshTimer = setTimeout(() => refresh(conn), delay);
   }
 
   async function refresh(conn) {
