@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,6 +29,7 @@ import pytest
 import uvloop
 from aiohttp.test_utils import TestServer
 
+from realtime_service.auth.replica import RETRY_AFTER, _Connection
 from realtime_service.db.embedded import EmbeddedPostgres
 from realtime_service.db.migrate import apply_migrations
 from realtime_service.web.app import create_app
@@ -298,6 +300,31 @@ def test_nothing_listening_20_tries_each_are_503_and_1013(loop_name: str, pg_dsn
                 outcome, seconds = await attempt(service, 1, token)
                 assert outcome == "1013 ownership_unavailable" and seconds <= BOUND, (i, outcome, seconds)
             assert await unavailable_count(service) >= 40
+
+    run_on(loop_name, main)
+
+
+@loops
+def test_a_failed_connect_leaves_the_loop_clean_for_the_next_socket(loop_name: str) -> None:
+    """The root of finding 1: after aiopg's failed connect, uvloop kept a closed poll handle on the descriptor, and
+    whoever got that number next (a replica connection, or an HTTP client's socket) failed in add_reader/add_writer.
+    Checked right after the failure, before anything else could clean up."""
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/replica"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(6):
+            conn = _Connection(dead, 1, enable_json=False, enable_hstore=False, enable_uuid=False)
+            with pytest.raises(psycopg2.OperationalError):
+                await conn
+            with socket.socket() as sock:  # gets the lowest free number: the one libpq just closed
+                sock.setblocking(False)
+                loop.add_writer(sock.fileno(), lambda: None)
+                loop.add_reader(sock.fileno(), lambda: None)
+                loop.remove_writer(sock.fileno())
+                loop.remove_reader(sock.fileno())
+            conn.close()
+            await asyncio.sleep(RETRY_AFTER / 10)
 
     run_on(loop_name, main)
 

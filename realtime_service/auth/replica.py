@@ -3,15 +3,17 @@
 Every failure of the replica, whatever its form, becomes OwnershipUnavailable within the connect and statement
 timeouts, under asyncio's loop and under uvloop. Two aiopg behaviours make that need care (aio-libs/aiopg 856, 909):
 
-- When a connection attempt fails (refused, the server shutting down, authentication), libpq closes the socket
-  while aiopg still has a writer registered for it and only removes the reader. On uvloop the stale poll handle
-  stays in the loop's table, so the next connection that gets the same descriptor number fails in `add_reader`
-  with `RuntimeError: ... UVPoll closed=True ...` (about every other attempt while the replica is down).
-  aiopg's own pool gives no way to clean up after it, so this module keeps its own small pool: it knows each
-  connection's descriptor, and after a failure it drops whatever registration the loop still holds for it, but
-  only while the descriptor is closed (so nobody else's registration can be touched). Connection attempts are made
-  one at a time, so no attempt of ours can reuse a descriptor number before the previous one is cleaned up. A
-  RuntimeError that still gets through is counted as unavailable like any other failure.
+- When libpq closes a connection's socket (a failed attempt: refused, the server shutting down, authentication;
+  or a server gone mid-query), aiopg removes its reader but can leave its writer registered. On uvloop the stale,
+  closed poll handle stays in the loop's table, and whoever is given the same descriptor number next fails in
+  add_reader/add_writer with `RuntimeError: ... UVPoll closed=True ...`: the next replica connection (about every
+  other attempt while the replica is down), or any other socket of the process that uses the loop's polls (an
+  HTTP client's connect). `_Connection` fixes that where it starts: in the loop callback in which libpq closed
+  the socket, before anyone can be given the number, it drops the registrations and tells aiopg the descriptor
+  is gone. Belt and braces, this module keeps its own small pool (aiopg's gives no hook) and, after a failure and
+  before each attempt, drops any registration the loop still holds for a descriptor that is closed (so nobody
+  else's can be touched); attempts are made one at a time. A RuntimeError that still got through would be
+  counted as unavailable like any other failure.
 - When the server cancels a statement (statement_timeout), aiopg raises `asyncio.CancelledError` in place of
   `QueryCanceledError`. A CancelledError while our own task is not being cancelled is that, and is unavailable.
   The statement is bounded on the client first (aiopg's timeout, which also closes the connection) and the
@@ -59,16 +61,45 @@ class _Pooled:
 
 def _forget_descriptor(fd: int) -> None:
     """Drop any reader/writer the running loop still holds for `fd`, if `fd` is closed (nobody else's, then)."""
-    try:
-        os.fstat(fd)
-    except OSError:
-        pass
-    else:
+    if _is_open(fd):
         return  # open again: the number belongs to someone else now; theirs is not ours to touch
     loop = asyncio.get_running_loop()
     for remove in (loop.remove_writer, loop.remove_reader):
         with contextlib.suppress(OSError, RuntimeError, ValueError):
             remove(fd)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class _Connection(aiopg.Connection):
+    """aiopg's connection, letting go of its descriptor in the very callback where libpq closes it.
+
+    aiopg's `_ready` handles a failure by removing its reader, and leaves its writer registered when libpq has
+    already closed the socket (aio-libs/aiopg 856, 909). Done here, in the same loop callback, nobody can have
+    been given the same descriptor number yet, so the registrations dropped are certainly this connection's; and
+    aiopg is told the descriptor is gone, so its close() never touches a number that may belong to someone else.
+    """
+
+    @staticmethod
+    def _ready(weak_self: Any) -> None:
+        self = weak_self()
+        if self is None:
+            return
+        fd = self._fileno
+        aiopg.Connection._ready(weak_self)
+        if fd is not None and not _is_open(fd):
+            loop = self._loop
+            for remove in (loop.remove_writer, loop.remove_reader):
+                with contextlib.suppress(OSError, RuntimeError, ValueError):
+                    remove(fd)
+            self._fileno = None
+            self._writing = False
 
 
 def _next_descriptor() -> int:
@@ -235,7 +266,7 @@ class PostgresOwnership:
         upcoming = _next_descriptor()
         if upcoming >= 0:
             _forget_descriptor(upcoming)
-        conn = aiopg.Connection(self._dsn, self._connect_timeout, enable_json=False, enable_hstore=False,
+        conn = _Connection(self._dsn, self._connect_timeout, enable_json=False, enable_hstore=False,
                                 enable_uuid=False, connect_timeout=max(1, round(self._connect_timeout)),
                                 options=options)
         fd = conn.raw.fileno()
