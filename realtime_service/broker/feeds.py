@@ -291,11 +291,24 @@ class FeedSet:
             if feed.filling is asyncio.current_task():
                 feed.filling = None
 
-    async def wait_delivered(self, diagnosis_id: int, offset: int, epoch: str) -> None:
-        """Return once this node handed `offset` on (its own publish), filling from the stream if pub/sub lags."""
+    def own(self, publication: Publication) -> None:
+        """This node's own publish, answered by the script: hand it on at once when it is the next one, rather
+        than wait for its copy through pub/sub (which then comes as a repeat and is dropped)."""
+        feed = self.feeds.get(publication.diagnosis_id)
+        if (feed is not None and feed.ready.done() and feed.filling is None and feed.epoch == publication.epoch
+                and publication.offset == feed.last + 1):
+            self._hand(feed, publication)
+            if feed.pending:
+                self._drain(publication.diagnosis_id, feed)
+
+    async def wait_delivered(self, diagnosis_id: int, offset: int, epoch: str, link_up: bool = True) -> None:
+        """Return once this node handed `offset` on (its own publish): the publications before it come through
+        pub/sub in order; if they lag (or the link is down), fill from the stream."""
         feed = self.feeds.get(diagnosis_id)
         if feed is None or not feed.ready.done() or (feed.epoch == epoch and feed.last >= offset):
             return
+        if not link_up:
+            self.fill(diagnosis_id, feed)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         feed.waiters.setdefault(offset, []).append(waiter)
         try:

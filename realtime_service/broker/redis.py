@@ -45,6 +45,9 @@ log = logging.getLogger("realtime.broker")
 
 MAX_DEVICES_PER_USER = 64
 ACTIVE_NOTE_MS = 1000
+# Seconds a publish waits for the publications before it to come through pub/sub before reading them from the
+# stream instead: long enough that a busy node does not add a history read to every publish.
+FILL_AFTER = 0.5
 SEAL_ATTEMPTS = 50  # publishes of other nodes that may overtake one sealed publish before it gives up
 PUBLISH_ID_TTL_MS = 10_000  # a retried publish comes within the publish deadline; remember its id a while longer
 SCRIPTS = ("publish", "position", "history", "retained", "cursor", "inbox", "idempotency", "beat", "live_nodes",
@@ -159,7 +162,7 @@ class RedisBroker:
         self._newest: dict[int, int] = {}  # newest offset this node saw per diagnosis (sealing predicts the next)
         self._sealer = sealer
         self.feeds = FeedSet(self.keys, self._fill_source, self._position_source, self._events,
-                             fill_after=0.15, timeout=timeout, opener=self._open if sealer else None,
+                             fill_after=FILL_AFTER, timeout=timeout, opener=self._open if sealer else None,
                              reset_epoch=self._reset_epoch)
         self._link = PubSubLink(self.client, self.keys, self.feeds, self._events, timeout=timeout)
 
@@ -267,7 +270,8 @@ class RedisBroker:
             self.feeds.fill(diagnosis_id, feed)  # offsets went back: the fill starts a new epoch
         await self._note_active(diagnosis_id, now)
         publication = Publication(diagnosis_id, offset, epoch, with_position(body, offset, epoch), exclude_session)
-        await self.feeds.wait_delivered(diagnosis_id, offset, epoch)
+        self.feeds.own(publication)
+        await self.feeds.wait_delivered(diagnosis_id, offset, epoch, self._link.connected.is_set())
         return publication
 
     def _expected_offset(self, diagnosis_id: int) -> int:
