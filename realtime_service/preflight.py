@@ -110,10 +110,41 @@ def check_replica(loaded: Loaded) -> ReplicaReport:
         conn.set_session(readonly=True)
         with conn.cursor() as cur:
             _probe_query(cur, loaded, dsn)
+        if settings.batch_query_in_use() is not None and not conn.closed:
+            try:
+                conn.rollback()
+            except psycopg2.Error:
+                pass  # the replica went away mid-check: the single query's warning said so
+            else:
+                with conn.cursor() as cur:
+                    _probe_batch_query(cur, loaded, dsn)
+        elif settings.ownership_batch_query:
+            log.warning("ownership_batch_query is the default but ownership_query is not: one query per diagnosis; "
+                        "set ownership_batch_query to the batch form of your query to share queries in a storm")
     finally:
         conn.close()
     log.info("the read replica at %s answers and the ownership query returns an owner id", where)
     return ReplicaReport(True, "ok")
+
+
+def _probe_batch_query(cur: psycopg2.extensions.cursor, loaded: Loaded, dsn: str) -> None:
+    """The batch query must answer rows (diagnosis id, owner id) for an array of ids."""
+    what = f"ownership_batch_query ({loaded.where('ownership_batch_query')})"
+    try:
+        cur.execute(loaded.settings.ownership_batch_query, {"diagnosis_ids": [0]})
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{what} cannot be run: bad placeholder {exc}; write %(diagnosis_ids)s") from None
+    except psycopg2.errors.QueryCanceled:
+        log.warning("the ownership batch query did not finish within db_statement_timeout at start; checked later")
+        return
+    except psycopg2.Error as exc:
+        if isinstance(exc, psycopg2.OperationalError):
+            log.warning("the read replica failed the start-up check: %s", describe_db_error(exc, dsn))
+            return
+        raise ConfigError(f"{what} fails on the replica: {describe_db_error(exc, dsn)}") from None
+    columns = cur.description or ()
+    if len(columns) < 2 or any(c.type_code not in INTEGER_TYPES for c in columns[:2]):
+        raise ConfigError(f"{what} must return two integer columns: the diagnosis id, then the owner's user id")
 
 
 def _probe_query(cur: psycopg2.extensions.cursor, loaded: Loaded, dsn: str) -> None:

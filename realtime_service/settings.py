@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 ENV_PREFIX = "REALTIME_"
 DEFAULT_OWNERSHIP_QUERY = "SELECT user_id FROM diagnoses WHERE id = %(diagnosis_id)s"
+DEFAULT_OWNERSHIP_BATCH_QUERY = "SELECT id, user_id FROM diagnoses WHERE id = ANY(%(diagnosis_ids)s)"
 LIST_FIELDS = frozenset({"jwt_algorithms", "allowed_origins", "allowed_hosts", "trusted_proxies"})
 OPTIONAL_FIELDS = frozenset({"database_url", "redis_url", "jwt_secret", "jwt_public_key_file", "jwt_audience",
                              "jwt_previous_secret", "jwt_jwks_file",
@@ -67,6 +68,8 @@ class Settings(BaseModel):
     history_max_bytes: int = Field(1048576, ge=1024)
     ownership_query: str = DEFAULT_OWNERSHIP_QUERY
     ownership_cache_ttl: float = Field(5, ge=0)
+    ownership_batch_query: str = DEFAULT_OWNERSHIP_BATCH_QUERY
+    ownership_batch_window: float = Field(0.001, ge=0, le=0.1)
     console_enabled: bool = False
     allowed_origins: tuple[str, ...] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -173,6 +176,34 @@ class Settings(BaseModel):
         if not names:
             raise ValueError("the query must use %(diagnosis_id)s, or every diagnosis would get the same owner")
         return value
+
+    @field_validator("ownership_batch_query")
+    @classmethod
+    def _batch_placeholder(cls, value: str) -> str:
+        # Runs with {"diagnosis_ids": [N, ...]} (a PostgreSQL array); empty turns batching off.
+        if not value.strip():
+            return ""
+        names = set()
+        for match in _PLACEHOLDER.finditer(value):
+            if match.group("kind") == "%" and match.group("name") is None:
+                continue
+            if match.group("kind") != "s" or match.group("name") != "diagnosis_ids":
+                raise ValueError(f"placeholder {match.group(0)!r} is not supported; write %(diagnosis_ids)s")
+            names.add(match.group("name"))
+        if not names:
+            raise ValueError("the batch query must use %(diagnosis_ids)s (an array of ids), or be empty to ask "
+                             "one diagnosis per query")
+        return value
+
+    def batch_query_in_use(self) -> str | None:
+        """The batch ownership query, if it applies: a custom ownership_query with the default batch query (which
+        reads another table) would answer from the wrong place, so batching is then off until both are set."""
+        if not self.ownership_batch_query:
+            return None
+        custom = self.ownership_query != DEFAULT_OWNERSHIP_QUERY
+        if custom and self.ownership_batch_query == DEFAULT_OWNERSHIP_BATCH_QUERY:
+            return None
+        return self.ownership_batch_query
 
     @field_validator("jwt_algorithms")
     @classmethod

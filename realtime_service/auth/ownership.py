@@ -3,19 +3,25 @@
 A reconnect storm after a deploy asks for the same diagnoses many times at once; every concurrent check of one
 diagnosis waits on the same query, and answers (owner, or "no such diagnosis") are kept `ttl` seconds.
 Failures are never cached: the next check asks again, so the service recovers by itself.
+
+A storm also asks for thousands of *different* diagnoses at once. When the source can answer many in one query
+(`BatchOwnershipSource.batching`), misses are gathered for `batch_window` seconds (0: until the end of the current
+event-loop iteration) and asked together, up to MAX_BATCH per query: 5,000 reconnecting clients cost the replica
+a handful of queries instead of 5,000, and each check waits at most the window longer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast
 
 from realtime_service.auth.tokens import Principal
 from realtime_service.errors import DiagnosisNotFound, Forbidden, OwnershipUnavailable
 
 MAX_CACHED = 200_000
+MAX_BATCH = 1000  # diagnoses per batch query: bounds the statement's size and its time on the replica
 
 
 class OwnershipSource(Protocol):
@@ -32,6 +38,18 @@ class OwnershipSource(Protocol):
     async def close(self) -> None: ...
 
 
+class BatchOwnershipSource(OwnershipSource, Protocol):
+    """A source that can also answer for many diagnoses in one query (when `batching` is true).
+
+    `owners_of` answers for every id it was given: the owner's id, or None for no such diagnosis.
+    """
+
+    @property
+    def batching(self) -> bool: ...
+
+    async def owners_of(self, diagnosis_ids: Sequence[int]) -> dict[int, int | None]: ...
+
+
 def _retrieve(future: asyncio.Future[int | None]) -> None:
     # Every caller may have gone; the failure is theirs to see, not the event loop's to log.
     if not future.cancelled():
@@ -42,8 +60,13 @@ class OwnershipChecker:
     """Cache and single-flight around an OwnershipSource."""
 
     def __init__(self, source: OwnershipSource, ttl: float, clock: Callable[[], float] = time.monotonic,
-                 on_lookup: Callable[[str], None] | None = None) -> None:
+                 on_lookup: Callable[[str], None] | None = None, batch_window: float = 0.001) -> None:
         self._source = source
+        self._batch_source = cast(BatchOwnershipSource, source) if getattr(source, "batching", False) else None
+        self._batch_window = batch_window
+        self._queued: list[tuple[int, asyncio.Future[int | None]]] = []  # misses waiting for the next batch
+        self._flush_handle: asyncio.Handle | None = None
+        self._batches: set[asyncio.Task[None]] = set()
         self._ttl = ttl
         self._clock = clock
         self._cache: dict[int, tuple[int | None, float]] = {}
@@ -71,8 +94,11 @@ class OwnershipChecker:
             self._on_lookup("shared")
         else:
             self._on_lookup("miss")
-            # A task of its own: a caller that gives up (its client left) does not cancel the others' answer.
-            pending = asyncio.ensure_future(self._lookup(diagnosis_id))
+            if self._batch_source is not None:
+                pending = self._enqueue(diagnosis_id)
+            else:
+                # A task of its own: a caller that gives up (its client left) does not cancel the others' answer.
+                pending = asyncio.ensure_future(self._lookup(diagnosis_id))
             pending.add_done_callback(_retrieve)
             self._inflight[diagnosis_id] = pending
         try:
@@ -96,6 +122,55 @@ class OwnershipChecker:
             self._remember(diagnosis_id, owner)
         return owner
 
+    def _enqueue(self, diagnosis_id: int) -> asyncio.Future[int | None]:
+        """A future answered by the next batch query; the batch is sent after the window, or at once when full."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int | None] = loop.create_future()
+        self._queued.append((diagnosis_id, future))
+        if len(self._queued) >= MAX_BATCH:
+            self._send_batch()
+        elif self._flush_handle is None:
+            self._flush_handle = (loop.call_later(self._batch_window, self._send_batch) if self._batch_window > 0
+                                  else loop.call_soon(self._send_batch))
+        return future
+
+    def _send_batch(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        queued, self._queued = self._queued, []
+        if queued:
+            # Its own task, like a single lookup: callers that give up do not cancel the others' answers.
+            task = asyncio.ensure_future(self._lookup_many(queued))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _lookup_many(self, queued: list[tuple[int, asyncio.Future[int | None]]]) -> None:
+        assert self._batch_source is not None
+        generation = self._generation
+        try:
+            owners = await self._batch_source.owners_of(list(dict.fromkeys(d for d, _ in queued)))
+        except BaseException as exc:
+            for diagnosis_id, future in queued:
+                if self._inflight.get(diagnosis_id) is future:
+                    del self._inflight[diagnosis_id]
+                if not future.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()  # seen by each caller as unavailable, unless it is itself cancelled
+                    else:
+                        future.set_exception(exc)
+            if isinstance(exc, Exception):
+                return  # every caller got it; nobody else is waiting for this task
+            raise
+        for diagnosis_id, future in queued:
+            if self._inflight.get(diagnosis_id) is future:
+                del self._inflight[diagnosis_id]
+            owner = owners.get(diagnosis_id)
+            if self._ttl > 0 and generation == self._generation:
+                self._remember(diagnosis_id, owner)
+            if not future.done():
+                future.set_result(owner)
+
     def _remember(self, diagnosis_id: int, owner: int | None) -> None:
         if len(self._cache) >= MAX_CACHED:
             now = self._clock()
@@ -106,7 +181,8 @@ class OwnershipChecker:
         self._cache[diagnosis_id] = (owner, self._clock() + self._ttl)
 
     def forget(self, diagnosis_id: int) -> None:
-        """Drop the cached decision (revoke endpoint); a lookup already under way is not joined or cached."""
+        """Drop the cached decision (revoke endpoint); a lookup already under way is not joined or cached (one still
+        queued for the next batch is asked after this, so its answer may be)."""
         self._cache.pop(diagnosis_id, None)
         self._inflight.pop(diagnosis_id, None)
         self._generation += 1

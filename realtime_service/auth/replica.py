@@ -32,7 +32,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,9 +116,11 @@ class PostgresOwnership:
     """OwnershipSource over aiopg."""
 
     def __init__(self, dsn: str, query: str, pool_min: int, pool_max: int, connect_timeout: float,
-                 statement_timeout: float, observe: Callable[[str, float], None] | None = None) -> None:
+                 statement_timeout: float, observe: Callable[[str, float], None] | None = None,
+                 batch_query: str | None = None) -> None:
         self._dsn = dsn
         self._query = query
+        self._batch_query = batch_query or None  # rows (diagnosis id, owner id) for %(diagnosis_ids)s
         self._pool_min = min(pool_min, pool_max)
         self._pool_max = pool_max
         self._connect_timeout = connect_timeout
@@ -150,6 +152,32 @@ class PostgresOwnership:
             return None
         owner = rows[0][0]
         return int(owner) if owner is not None else None
+
+    @property
+    def batching(self) -> bool:
+        """Many diagnoses can be asked in one query (REALTIME_OWNERSHIP_BATCH_QUERY is set)."""
+        return self._batch_query is not None
+
+    async def owners_of(self, diagnosis_ids: Sequence[int]) -> dict[int, int | None]:
+        """Owners of many diagnoses in one query; an id the replica returns no row for has no diagnosis."""
+        assert self._batch_query is not None
+        started = time.perf_counter()
+        try:
+            rows = await self._bounded(self._batch_query, {"diagnosis_ids": list(diagnosis_ids)})
+        except OwnershipUnavailable:
+            if self._observe is not None:
+                self._observe("unavailable", time.perf_counter() - started)
+            raise
+        if self._observe is not None:
+            self._observe("ok", time.perf_counter() - started)
+        owners: dict[int, int | None] = dict.fromkeys(diagnosis_ids)
+        answered: set[int] = set()
+        for row in rows:
+            diagnosis_id = int(row[0]) if row[0] is not None else None
+            if diagnosis_id in owners and diagnosis_id not in answered:  # the first row decides, as with one id
+                answered.add(diagnosis_id)
+                owners[diagnosis_id] = int(row[1]) if row[1] is not None else None
+        return owners
 
     async def ping(self) -> None:
         await self._bounded("SELECT 1", None)

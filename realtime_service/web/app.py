@@ -90,7 +90,8 @@ def build_ownership_source(settings: Settings, metrics: Metrics) -> OwnershipSou
     return PostgresOwnership(
         dsn, settings.ownership_query, settings.db_pool_min, settings.db_pool_max, settings.db_connect_timeout,
         settings.db_statement_timeout,
-        observe=lambda result, seconds: metrics.ownership_seconds.labels(result).observe(seconds))
+        observe=lambda result, seconds: metrics.ownership_seconds.labels(result).observe(seconds),
+        batch_query=settings.batch_query_in_use())
 
 
 def build_verifier(settings: Settings) -> TokenVerifier:
@@ -111,7 +112,8 @@ def create_app(settings: Settings, *, ownership_source: OwnershipSource | None =
     metrics = Metrics()
     source = ownership_source or build_ownership_source(settings, metrics)
     ownership = OwnershipChecker(source, settings.ownership_cache_ttl,
-                                 on_lookup=lambda result: metrics.ownership_lookups.labels(result).inc())
+                                 on_lookup=lambda result: metrics.ownership_lookups.labels(result).inc(),
+                                 batch_window=settings.ownership_batch_window)
     chosen = broker or build_broker(settings, metrics)
     cluster, shared_counter = build_cluster(settings, chosen, metrics)
     connection_counter = connection_counter or shared_counter
