@@ -158,6 +158,19 @@ async def test_personal_message_kept_while_offline_is_delivered_once_on_another_
         await wait_presence(cluster, did, {})
 
 
+async def test_personal_message_reaches_every_connection_of_the_user_on_every_node(cluster: Cluster) -> None:
+    uid, did = cluster.seed.owned()
+    token = cluster.tokens.user(uid)
+    connections = [await cluster.connect(i, did, token, device=f"d{i}") for i in range(NODES)]
+    await cluster.publish(1, did, {"note": "all of them"}, type_="nudge", user_id=uid)
+    ids = set()
+    for index, client in enumerate(connections):
+        got = await client.wait(lambda c: personal(c), f"the personal message on node{index}")
+        assert [m["data"] for m in got] == [{"note": "all of them"}], f"node{index}: {got}"
+        ids.add(got[0]["message_id"])
+    assert len(ids) == 1, "one message, one message_id, whichever node delivers it"
+
+
 # -- idempotency ----------------------------------------------------------------------------------------------
 
 
@@ -182,6 +195,22 @@ async def test_idempotency_key_sent_to_two_nodes_at_once_broadcasts_once(cluster
         assert [f["data"]["n"] for f in broadcasts(client)] == list(range(1, rounds + 1))
 
 
+async def test_idempotent_batch_sent_to_two_nodes_at_once_publishes_once(cluster: Cluster) -> None:
+    uid, did = cluster.seed.owned()
+    watcher = await cluster.connect(2, did, cluster.tokens.user(uid), device="w")
+    body = {"messages": [{"diagnosis_id": did, "type": "test_event", "data": {"n": n}} for n in range(1, 4)]}
+    key = {"Idempotency-Key": f"batch-{uuid.uuid4()}"}
+    a, b = await asyncio.gather(cluster.post(0, "/api/v1/publish/batch", body, headers=key),
+                                cluster.post(1, "/api/v1/publish/batch", body, headers=key))
+    assert a.status == b.status == 200, (a, b)
+    assert a.body == b.body
+    assert [r["offset"] for r in a.body["results"]] == [1, 2, 3]
+    assert (await cluster.publish(1, did, {"n": 4})).body["offset"] == 4, "the batch was broadcast twice"
+    await watcher.wait_offset(4)
+    await sync(watcher)
+    assert_gapless(watcher.offsets(), 1, 4, "the watcher on node2")
+
+
 # -- revoke ---------------------------------------------------------------------------------------------------
 
 
@@ -201,6 +230,19 @@ async def test_revoke_closes_the_connections_on_every_node(cluster: Cluster, eve
     for index in range(NODES):
         allowed = await cluster.connect(index, did, cluster.tokens.user(new), device=f"new{index}")
         await allowed.close()
+
+
+async def test_revoke_keeps_the_connections_the_replica_still_allows_on_every_node(cluster: Cluster) -> None:
+    uid, did = cluster.seed.owned()
+    token = cluster.tokens.user(uid)
+    connections = [await cluster.connect(i, did, token, device=f"d{i}") for i in range(NODES)]
+    for body in ({}, {"user_id": uid}):
+        assert (await cluster.post(2, f"/api/v1/diagnoses/{did}/revoke", body)).status == 200
+    assert (await cluster.publish(0, did, {"n": 1})).body["offset"] == 1
+    for index, client in enumerate(connections):
+        await client.wait_offset(1)
+        await sync(client)
+        assert not client.closed, f"node{index} closed a connection the replica still allows"
 
 
 # -- status and presence --------------------------------------------------------------------------------------
