@@ -412,6 +412,7 @@ async def run_server(settings: Settings, demo_tokens: dict[str, str] | None = No
     """
     from aiohttp import web
 
+    from realtime_service.gctune import tune_for_connections
     from realtime_service.web.app import create_app
     from realtime_service.web.edge import EdgeRunner
     from realtime_service.web.state import STATE
@@ -426,6 +427,7 @@ async def run_server(settings: Settings, demo_tokens: dict[str, str] | None = No
         sites.append(web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True))
     for site in sites:
         await site.start()
+    tune_for_connections()  # after start-up: its objects are frozen, the collector runs rarely (issue 11)
     # The addresses actually bound: with --port 0 the kernel's choice, not 0.
     addresses = [f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}" for a in runner.addresses]
     loop = asyncio.get_running_loop()
