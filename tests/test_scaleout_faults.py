@@ -125,6 +125,11 @@ async def test_redis_stopped_then_started(cluster: Cluster, redis: RedisProcess)
     redis.stop()
     await expect_broker_unavailable(cluster, 0, did, "lost-0")
     await expect_broker_unavailable(cluster, 1, did, "lost-1")
+    batch = await cluster.post(2, "/api/v1/publish/batch", {"messages": [
+        {"diagnosis_id": did, "type": "test_event", "data": {"marker": f"lost-batch-{n}"}} for n in range(3)]})
+    assert batch.status == 503 and batch.code == "broker_unavailable", batch
+    kept = await cluster.publish(0, did, {"marker": "lost-personal"}, type_="nudge", user_id=uid, expect=None)
+    assert kept.status == 503 and kept.code == "broker_unavailable", kept
 
     async def not_ready() -> Any:
         answer = await cluster.get(2, "/readyz")
@@ -151,6 +156,7 @@ async def test_redis_stopped_then_started(cluster: Cluster, redis: RedisProcess)
         await sync(client)
         assert_gapless(client.offsets(), 1, 11, f"{name} across the Redis restart")
         assert markers(client) == [], f"{name} got a publish that was answered 503"
+        assert not [f for f in client.frames if "message_id" in f], f"{name} got the personal message answered 503"
     resumed = await cluster.connect(2, did, token, device="resumed", since=0, epoch=epoch)
     await sync(resumed)
     replay = resumed.of_type("reconnect_messages")
@@ -215,6 +221,13 @@ async def test_redis_flushed_starts_a_new_epoch_and_closes_open_connections(clus
     assert replay, "a resume into a lost history must say so"
     assert replay[0]["data"]["recovered"] is False
     assert [(m["offset"], m["epoch"]) for m in replay[0]["data"]["messages"]] == [(1, new_epoch)]
+    # A device that resumes by its cursor alone (no since) lost its cursor with the data: like a device's first
+    # connection it starts at the newest offset, and its connect frame names the new epoch, which is how such a
+    # client can tell that history was lost.
+    by_cursor = await cluster.connect(2, did, token, device="b")
+    await sync(by_cursor)
+    assert by_cursor.frames[0]["data"]["epoch"] == new_epoch
+    assert by_cursor.frames[0]["data"]["offset"] == 1
 
 
 # -- lost pub/sub -----------------------------------------------------------------------------------------------
