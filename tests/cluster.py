@@ -114,6 +114,15 @@ class RedisProcess:
                 self.process.wait()
         self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL: no final AOF write; a restart loads whatever is on disk (the last SAVE without an AOF)."""
+        if self.paused:
+            self.resume()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
     def pause(self) -> None:
         """SIGSTOP: connections stay open but nothing is answered (a stalled primary)."""
         assert self.process is not None

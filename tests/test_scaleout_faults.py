@@ -230,6 +230,59 @@ async def test_redis_flushed_starts_a_new_epoch_and_closes_open_connections(clus
     assert by_cursor.frames[0]["data"]["offset"] == 1
 
 
+async def test_redis_back_with_an_older_copy_of_its_data_starts_a_new_epoch(pg_dsn: str) -> None:
+    """A restored snapshot (or a failover to a replica that was behind) brings history back in time: offsets
+    already handed out would be given again, and clients that had them would skip the new messages. History that
+    went back is history lost: a new epoch, open connections closed 1012, resumes answer recovered: false."""
+    own = RedisProcess(appendonly=False)  # its own Redis: this one is killed and brought back older
+    own.start()
+    try:
+        with running_nodes(2, dsn=pg_dsn, redis_url=own.url, prefix=unique_prefix("older"),
+                           heartbeat=HEARTBEAT) as pair:
+            async with aiohttp.ClientSession() as http:
+                cluster = Cluster(pair, http, Tokens(), Seeder(pg_dsn))
+                try:
+                    await _older_copy(cluster, own)
+                finally:
+                    await cluster.close_clients()
+    finally:
+        own.close()
+
+
+async def _older_copy(cluster: Cluster, own: RedisProcess) -> None:
+    uid, did = cluster.seed.owned()
+    token = cluster.tokens.user(uid)
+    a = await cluster.connect(0, did, token, device="a")
+    b = await cluster.connect(1, did, token, device="b")
+    old_epoch = a.frames[0]["data"]["epoch"]
+    for n in range(1, 6):
+        await cluster.publish(n % 2, did, {"n": n})
+    assert own.command("SAVE") == "OK"  # the snapshot holds offsets 1..5
+    for n in range(6, 9):
+        await cluster.publish(n % 2, did, {"n": n})
+    for client in (a, b):
+        await client.wait_offset(8)
+    own.kill()
+    own.start()  # loads the snapshot: offset 5 is the newest again, in the same epoch
+    cluster.nodes.ensure_running()
+
+    answer = await cluster.publish(1, did, {"n": 9})
+    new_epoch = answer.body["epoch"]
+    assert new_epoch != old_epoch, f"offsets went back within one epoch: {answer.body}"
+    for name, client in (("a", a), ("b", b)):
+        assert await client.wait_closed(timeout=15) == 1012, name
+        assert client.close_reason == "service_restart", (name, client.close_reason)
+        old = [(f["offset"], f["data"]["n"]) for f in broadcasts(client) if f["epoch"] == old_epoch]
+        assert old == [(n, n) for n in range(1, 9)], f"{name} got another message under an offset it had: {old}"
+        assert all(f["epoch"] == old_epoch for f in broadcasts(client)), f"{name} mixed two epochs"
+    resumed = await cluster.connect(0, did, token, device="a", since=8, epoch=old_epoch)
+    await sync(resumed)
+    replay = resumed.of_type("reconnect_messages")
+    assert replay and replay[0]["data"]["recovered"] is False, resumed.frames
+    assert [m["data"] for m in replay[0]["data"]["messages"]][-1] == {"n": 9}
+    assert {m["epoch"] for m in replay[0]["data"]["messages"]} == {new_epoch}
+
+
 # -- lost pub/sub -----------------------------------------------------------------------------------------------
 
 
