@@ -168,3 +168,62 @@ class ServeProcess:
     async def restart(self) -> None:
         await self.stop()
         await self.start()
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback in front of `upstream_port`. The first connection is cut (both sides aborted,
+    as a network drop would) right after the service's bytes containing `marker` have been passed on; later
+    connections pass through. For WebSockets: the client received a frame that the service never saw
+    confirmed."""
+
+    def __init__(self, upstream_port: int, marker: bytes) -> None:
+        self.upstream_port = upstream_port
+        self.marker = marker
+        self.connections = 0
+        self.cut = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        cutting = self.connections == 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, watch: bool) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                    if watch and self.marker in data:
+                        self.cut += 1
+                        for _ in range(100):  # abort() drops unsent bytes: let the kernel take them first
+                            if not writer.transport.get_write_buffer_size():
+                                break
+                            await asyncio.sleep(0.01)
+                        await asyncio.sleep(0.05)
+                        writer.transport.abort()
+                        up_writer.transport.abort()
+                        return
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        tasks = [asyncio.create_task(pipe(reader, up_writer, False)),
+                 asyncio.create_task(pipe(up_reader, writer, cutting))]
+        for task in tasks:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()

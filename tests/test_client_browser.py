@@ -17,7 +17,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from realtime_service.client import policy
-from tests.client_support import RestartableService, ServeProcess
+from tests.client_support import CuttingProxy, RestartableService, ServeProcess
 from tests.support import Seeder, Tokens
 from tests.test_console_browser import CHROMIUM_ARGS, Watch, assert_no_token_anywhere, chromium_path
 
@@ -34,7 +34,12 @@ HARNESS = """async ({url, diagnosisId, device, persist}) => {
     onHistoryLost: (lost) => push('lost', lost),
     onState: (s) => push('state', Object.assign({}, s, {error: s.error ? s.error.reason : undefined})),
     onError: (e) => push('error', {reason: e.reason, code: e.code, name: e.name}),
-    onFrame: (r) => { if (r.direction === 'out' && r.frame.type === 'auth') push('auth', r.frame); },
+    onFrame: (r) => {
+      if (r.direction === 'out' && r.frame.type === 'auth') push('auth', r.frame);
+      if (r.direction === 'in' && r.frame && r.frame.type === 'reconnect_messages') {
+        push('replay', r.frame.data.messages.map((m) => m.message_id || m.offset));
+      }
+    },
   });
 }"""
 
@@ -76,11 +81,12 @@ class Tab:
         self.sockets: list[str] = []
         page.on("websocket", lambda ws: self.sockets.append(ws.url))
 
-    async def open(self, diagnosis_id: int, device: str = "tab-1", persist: bool = False) -> None:
+    async def open(self, diagnosis_id: int, device: str = "tab-1", persist: bool = False,
+                   url: str | None = None) -> None:
         await self.page.expose_function("nextToken", self.token)
         await self.page.route("**/favicon.ico", lambda route: route.fulfill(status=204))  # not ours to serve
         await self.page.goto(f"{self.service.base_url}/healthz")
-        await self.page.evaluate(HARNESS, {"url": self.service.ws_base, "diagnosisId": diagnosis_id,
+        await self.page.evaluate(HARNESS, {"url": url or self.service.ws_base, "diagnosisId": diagnosis_id,
                                            "device": device, "persist": persist})
 
     async def log(self) -> list[dict[str, Any]]:
@@ -416,4 +422,33 @@ async def test_forbidden_stops_with_an_error(services: Callable[..., Any], brows
     assert log[-2]["value"] == {"state": "closed", "code": 1008, "reason": "forbidden", "error": "forbidden"}
     assert len(tab.sockets) == 1
     assert await tab.page.evaluate("window.__client.state") == "closed"
+    await tab.page.close()
+
+
+async def test_a_personal_message_sent_again_after_a_drop_reaches_on_message_once(
+        services: Callable[..., Any], browser: Browser, seed: Seeder, tokens: Tokens) -> None:
+    """The service keeps a personal message until a connection confirms it; the first connection is cut right
+    after it arrived, so the next one gets it again, and the module drops the repeat by its message_id."""
+    service = await services()
+    uid, did = seed.owned()
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{service.base_url}/api/v1/publish", json={"diagnosis_id": did, "type": "nudge", "data": {},
+                                                       "user_id": uid},
+            headers={"Authorization": f"Bearer {tokens.service()}"}) as resp:
+        assert resp.status == 200
+    proxy = CuttingProxy(service.port, b"reconnect_messages")
+    await proxy.start()
+    try:
+        tab = Tab(await browser.new_page(), service, lambda: tokens.user(uid))
+        await tab.open(did, url=f"ws://127.0.0.1:{proxy.port}")
+        await tab.wait_live(2)
+        await publish(service, tokens, did, "marker", {})
+        await tab.wait(lambda log: len([e for e in log if e["kind"] == "message"]) >= 2, "the marker")
+    finally:
+        await proxy.close()
+    assert proxy.cut == 1
+    replays = [e["value"] for e in await tab.log() if e["kind"] == "replay"]
+    assert len(replays) == 2 and replays[0] == replays[1] and len(replays[0]) == 1  # sent twice...
+    assert [m["type"] for m in await tab.messages()] == ["nudge", "marker"]  # ...handed over once
+    assert len(tab.sockets) == 2
     await tab.page.close()

@@ -31,7 +31,7 @@ from realtime_service.client import (
     policy,
     subscribe,
 )
-from tests.client_support import LosingProxy, RestartableService, ServeProcess, free_port
+from tests.client_support import CuttingProxy, LosingProxy, RestartableService, ServeProcess, free_port
 from tests.fixtures_app import Service, StartService
 from tests.support import Seeder, Tokens
 
@@ -358,3 +358,28 @@ async def test_an_upgrade_refused_with_retry_after_is_retried_no_sooner(start_se
     assert refused.reason == "http_429"
     assert refused.delay is not None and refused.delay >= 1.0  # Retry-After, though FAST backoff caps at 0.3 s
     await second.wait(lambda f: f.lives() == 1, "live after waiting", timeout=WAIT)
+
+
+async def test_a_personal_message_sent_again_after_a_drop_is_handed_over_once(
+        service: Service, followers: list[Follower]) -> None:
+    """The service keeps a personal message until a connection confirms it; the first connection is cut right
+    after it arrived, so the next one gets it again, and the client drops the repeat by its message_id."""
+    uid, did = service.seed.owned()
+    kept = await service.publish(did, "nudge", {"n": 1}, user_id=uid)
+    assert kept["offset"] is None
+    proxy = CuttingProxy(service.server.port or 0, b"reconnect_messages")
+    await proxy.start()
+    frames: list[dict[str, Any]] = []
+    try:
+        follower = follow(followers, f"ws://127.0.0.1:{proxy.port}", did, service.tokens.user(uid),
+                          device="py-cut", on_frame=lambda direction, frame: frames.append(frame))
+        await follower.wait(lambda f: f.lives() == 2, "the second connection")
+        await service.publish(did, "marker", {})
+        await follower.wait(lambda f: len(f.items) >= 2, "the marker")
+    finally:
+        await proxy.close()
+    assert proxy.cut == 1
+    replays = [f for f in frames if f.get("type") == "reconnect_messages"]
+    sent = [m["message_id"] for r in replays for m in r["data"]["messages"]]
+    assert len(sent) == 2 and sent[0] == sent[1]  # the service sent it twice...
+    assert [i["type"] for i in follower.items] == ["nudge", "marker"]  # ...the application got it once
