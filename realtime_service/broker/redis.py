@@ -157,6 +157,7 @@ class RedisBroker:
             url, socket_timeout=timeout + 1.0, socket_connect_timeout=timeout, retry=retry,
             health_check_interval=0, max_connections=64, timeout=timeout)
         self.client: redis.Redis = redis.Redis(connection_pool=pool)
+        self._pool = pool
         self.scripts = Scripts(self.client)
         self._noted: dict[int, int] = {}
         self._newest: dict[int, int] = {}  # newest offset this node saw per diagnosis (sealing predicts the next)
@@ -188,6 +189,7 @@ class RedisBroker:
         await self._link.stop()
         self.feeds.close()
         await self.client.aclose()
+        await self._pool.disconnect()  # a pool handed to the client is not closed by it
 
     def note_error(self, operation: str) -> None:
         self._events("error", operation)
