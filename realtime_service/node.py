@@ -216,8 +216,18 @@ class Node:
                 recovered = history.oldest - 1 <= cursor.offset
                 replay = [p.frame for p in history.publications]
         kept = await self.broker.kept_personal(diagnosis_id, user_id)
-        personal = [frame for _message_id, frame in kept]
-        conn.kept = tuple(message_id for message_id, _frame in kept)  # they leave the inbox once confirmed
+        # The whole frame stays within history_max_bytes, so a client with a bounded message size can always
+        # resume; kept messages that do not fit stay kept for the next connection (its replay is shorter then).
+        room = self.limits.history_max_bytes - frames.REPLAY_OVERHEAD - sum(map(frames.replay_size, replay or ()))
+        personal: list[bytes] = []
+        sent: list[str] = []
+        for message_id, frame in kept:
+            room -= frames.replay_size(frame)
+            if room < 0:
+                break
+            personal.append(frame)
+            sent.append(message_id)
+        conn.kept = tuple(sent)  # they leave the inbox once confirmed
         conn.epoch = position.epoch
         first = [frames.connect_frame(diagnosis_id, user_id, conn.session, position.offset, position.epoch)]
         if resume.since is not None or replay or personal:
@@ -315,6 +325,9 @@ class Node:
         if target is not None:
             message_id = frames.new_message_id()
             frame = frames.personal_frame(body.frame_type(), diagnosis_id, target, body.frame_data(), message_id)
+            if frames.replay_size(frame) > self.limits.history_max_bytes - frames.REPLAY_OVERHEAD:
+                raise BodyTooLarge(f"the message is larger than a replay may carry ({self.limits.history_max_bytes} "
+                                   "bytes, REALTIME_HISTORY_MAX_BYTES)", {"data": "too large to be kept"})
             # Every broker step first: if one fails (503), nothing of the message went anywhere.
             position = await self.broker.position(diagnosis_id)
             here = self._has_live(diagnosis_id, target)
@@ -329,7 +342,7 @@ class Node:
             self.metrics.deliveries.inc(delivered)
             return PublishResult(diagnosis_id=diagnosis_id, offset=None, epoch=position.epoch, delivered=delivered)
         body_bytes = frames.broadcast_body(body.frame_type(), diagnosis_id, body.frame_data())
-        if len(body_bytes) + POSITION_OVERHEAD > self.limits.history_max_bytes:
+        if frames.replay_size(body_bytes) + POSITION_OVERHEAD > self.limits.history_max_bytes - frames.REPLAY_OVERHEAD:
             # History could not hold it, so a client that reconnects would miss it: refuse rather than lose it.
             raise BodyTooLarge(f"the message is larger than the history may hold ({self.limits.history_max_bytes} "
                                "bytes, REALTIME_HISTORY_MAX_BYTES)", {"data": "too large to be kept in history"})

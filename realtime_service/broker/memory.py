@@ -21,7 +21,7 @@ from realtime_service.broker.base import (
     PublicationHandler,
     StreamPosition,
 )
-from realtime_service.protocol.frames import with_position
+from realtime_service.protocol.frames import replay_size, with_position
 
 
 @dataclass(slots=True)
@@ -134,7 +134,7 @@ class MemoryBroker:
         horizon = self._clock() - self._history_ttl
         while entries and (len(entries) > self._history_size or stream.bytes > self._history_max_bytes
                            or entries[0][0] <= horizon):
-            stream.bytes -= len(entries.popleft()[1].frame)
+            stream.bytes -= replay_size(entries.popleft()[1].frame)
             self._retained -= 1
 
     async def publish(self, diagnosis_id: int, body: bytes, exclude_session: str | None = None) -> Publication:
@@ -143,7 +143,7 @@ class MemoryBroker:
         publication = Publication(diagnosis_id, stream.offset, stream.epoch,
                                   with_position(body, stream.offset, stream.epoch), exclude_session)
         stream.entries.append((self._clock(), publication))
-        stream.bytes += len(publication.frame)
+        stream.bytes += replay_size(publication.frame)
         self._retained += 1
         self._trim(stream)
         self._handler(publication)

@@ -66,6 +66,16 @@ def error_frame(diagnosis_id: int, code: str, message: str) -> bytes:
                    "timestamp": utc_now()})
 
 
+# What `reconnect_frame` adds around its messages (type, id, flags, timestamp), rounded up: history is bounded to
+# history_max_bytes minus this, so that the whole replay frame stays within history_max_bytes (PROTOCOL 3.7).
+REPLAY_OVERHEAD = 192
+
+
+def replay_size(frame: bytes) -> int:
+    """What one message adds to a replay frame: itself and the comma before it."""
+    return len(frame) + 1
+
+
 def reconnect_frame(diagnosis_id: int, messages: list[bytes], recovered: bool) -> bytes:
     """`reconnect_messages` built from already encoded frames, without decoding them again."""
     head = b'{"type":"reconnect_messages","diagnosis_id":%d,"data":{"messages":[' % diagnosis_id

@@ -20,6 +20,7 @@ from realtime_service.hub import Hub
 from realtime_service.limits import ConnectionCounter
 from realtime_service.metrics import Metrics
 from realtime_service.node import Limits, Node
+from realtime_service.protocol.frames import REPLAY_OVERHEAD
 from realtime_service.settings import ConfigError, Settings
 from realtime_service.web import openapi, ops, rest
 from realtime_service.web.client_assets import setup_client_routes
@@ -32,12 +33,17 @@ log = logging.getLogger("realtime.app")
 ID = r"{diagnosis_id:[1-9][0-9]{0,18}}"  # bigint; larger values are refused by diagnosis_id_of
 
 
+def history_budget(settings: Settings) -> int:
+    """Bytes of frames a broker keeps per diagnosis: the replay frame around them must fit history_max_bytes."""
+    return settings.history_max_bytes - REPLAY_OVERHEAD
+
+
 def build_broker(settings: Settings, metrics: Metrics) -> Broker:
     """Memory by default; Redis only when configured (imported only then)."""
     redis_url = settings.secret("redis_url")
     if redis_url is None:
         return MemoryBroker(settings.history_size, settings.history_ttl, settings.personal_inbox_size,
-                            settings.idempotency_ttl, history_max_bytes=settings.history_max_bytes)
+                            settings.idempotency_ttl, history_max_bytes=history_budget(settings))
     from realtime_service.broker.redis import RedisBroker
 
     def events(event: str, detail: str) -> None:
@@ -55,7 +61,7 @@ def build_broker(settings: Settings, metrics: Metrics) -> Broker:
     keys = settings.secret("broker_encryption_keys")
     try:
         return RedisBroker(redis_url, prefix=settings.redis_prefix, history_size=settings.history_size,
-                           history_max_bytes=settings.history_max_bytes, history_ttl=settings.history_ttl,
+                           history_max_bytes=history_budget(settings), history_ttl=settings.history_ttl,
                            inbox_size=settings.personal_inbox_size, idempotency_ttl=settings.idempotency_ttl,
                            timeout=settings.redis_timeout, events=events,
                            sealer=Sealer.parse(keys) if keys else None)

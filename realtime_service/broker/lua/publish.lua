@@ -35,8 +35,8 @@ if expected > 0 then
   end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
--- the size of the frame a replay will carry: the body plus ,"offset":N,"epoch":"E"
-local size = tonumber(ARGV[10]) + 21 + string.len(tostring(offset)) + string.len(epoch)
+-- what the entry adds to a replay: the frame (the body plus ,"offset":N,"epoch":"E") and a comma
+local size = tonumber(ARGV[10]) + 22 + string.len(tostring(offset)) + string.len(epoch)
 redis.call('XADD', KEYS[2], offset .. '-0', 't', ARGV[3], 'n', size, 'b', ARGV[1])
 local bytes = redis.call('HINCRBY', KEYS[1], 'b', size)
 local keep = tonumber(ARGV[4])
