@@ -35,7 +35,7 @@ HARNESS = """async ({url, diagnosisId, device, persist}) => {
     onState: (s) => push('state', Object.assign({}, s, {error: s.error ? s.error.reason : undefined})),
     onError: (e) => push('error', {reason: e.reason, code: e.code, name: e.name}),
     onFrame: (r) => {
-      if (r.direction === 'out' && r.frame.type === 'auth') push('auth', r.frame);
+      if (r.direction === 'out' && (r.frame.type === 'auth' || r.frame.type === 'ack')) push(r.frame.type, r.frame);
       if (r.direction === 'in' && r.frame && r.frame.type === 'reconnect_messages') {
         push('replay', r.frame.data.messages.map((m) => m.message_id || m.offset));
       }
@@ -452,3 +452,28 @@ async def test_a_personal_message_sent_again_after_a_drop_reaches_on_message_onc
     assert [m["type"] for m in await tab.messages()] == ["nudge", "marker"]  # ...handed over once
     assert len(tab.sockets) == 2
     await tab.page.close()
+
+
+async def test_an_acknowledged_personal_message_is_not_sent_again(services: Callable[..., Any], browser: Browser,
+                                                                  seed: Seeder, tokens: Tokens) -> None:
+    """The module acks after handing over a personal message, so the service drops it from the inbox: the
+    user's next page load does not get it again."""
+    service = await services()
+    uid, did = seed.owned()
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{service.base_url}/api/v1/publish", json={"diagnosis_id": did, "type": "nudge", "data": {},
+                                                       "user_id": uid},
+            headers={"Authorization": f"Bearer {tokens.service()}"}) as resp:
+        assert resp.status == 200
+    first = Tab(await browser.new_page(), service, lambda: tokens.user(uid))
+    await first.open(did, device="one")
+    await first.wait(lambda log: any(e["kind"] == "ack" for e in log), "the ack")
+    assert [m["type"] for m in await first.messages()] == ["nudge"]
+    await first.page.close()
+    second = Tab(await browser.new_page(), service, lambda: tokens.user(uid))
+    await second.open(did, device="two")
+    await second.wait_live()
+    await publish(service, tokens, did, "marker", {})
+    await second.wait(lambda log: any(e["kind"] == "message" for e in log), "the marker")
+    assert [m["type"] for m in await second.messages()] == ["marker"]
+    await second.page.close()

@@ -383,3 +383,22 @@ async def test_a_personal_message_sent_again_after_a_drop_is_handed_over_once(
     sent = [m["message_id"] for r in replays for m in r["data"]["messages"]]
     assert len(sent) == 2 and sent[0] == sent[1]  # the service sent it twice...
     assert [i["type"] for i in follower.items] == ["nudge", "marker"]  # ...the application got it once
+
+
+async def test_an_acknowledged_personal_message_is_not_sent_again(service: Service,
+                                                                  followers: list[Follower]) -> None:
+    """The client acks after handing over a personal message, so the service drops it from the inbox: the
+    user's next connection (another process, another device) does not get it again."""
+    uid, did = service.seed.owned()
+    await service.publish(did, "nudge", {}, user_id=uid)  # kept: nobody is connected
+    sent: list[dict[str, Any]] = []
+    first = follow(followers, ws_base(service), did, service.tokens.user(uid), device="one",
+                   on_frame=lambda direction, frame: sent.append(frame) if direction == "out" else None)
+    await first.wait(lambda f: len(f.items) == 1 and any(s.get("type") == "ack" for s in sent), "the ack")
+    await first.stop()
+    second = follow(followers, ws_base(service), did, service.tokens.user(uid), device="two")
+    await second.wait(lambda f: f.lives() == 1, "live")
+    await service.publish(did, "marker", {})
+    await second.wait(lambda f: len(f.items) >= 1, "the marker")
+    assert [i["type"] for i in second.items] == ["marker"]
+    assert [i["type"] for i in first.items] == ["nudge"]

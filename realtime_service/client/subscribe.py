@@ -191,6 +191,7 @@ class _Connection:
         self.close_reason = ""
         self.processed_offset = 0
         self.acked = 0
+        self.personal_pending = False
         self.exp = token_expiry(first)
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -242,8 +243,15 @@ class _Connection:
 
     def processed(self, item: Item) -> None:
         """The application asked for the next item, so it is done with this one."""
-        if isinstance(item, dict) and is_broadcast(item) and item.get("epoch") == self.sequencer.epoch:
-            self.processed_offset = max(self.processed_offset, int(item["offset"]))
+        if not isinstance(item, dict):
+            return
+        if is_broadcast(item):
+            if item.get("epoch") == self.sequencer.epoch:
+                self.processed_offset = max(self.processed_offset, int(item["offset"]))
+        else:
+            # The service keeps a personal message until a connection confirms it (an ack of any offset):
+            # acknowledge it, so a restart of this process does not bring it back.
+            self.personal_pending = True
 
     async def _ack_forever(self) -> None:
         while not self.ws.closed:
@@ -251,11 +259,13 @@ class _Connection:
             await self._send_ack()
 
     async def _send_ack(self) -> None:
-        if self.processed_offset > self.acked and not self.ws.closed:
-            offset = self.processed_offset
+        if (self.processed_offset > self.acked or self.personal_pending) and not self.ws.closed:
+            offset = max(self.processed_offset, self.acked)
             with contextlib.suppress(aiohttp.ClientError, ConnectionError, RuntimeError):
                 await self.ws.send_str(json.dumps({"type": "ack", "offset": offset}))
+                self.show("out", {"type": "ack", "offset": offset})
                 self.acked = offset
+                self.personal_pending = False
 
     async def _refresh_forever(self) -> None:
         while not self.ws.closed and self.exp is not None:

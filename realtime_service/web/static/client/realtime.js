@@ -233,8 +233,8 @@ export function connect(options) {
     }
     if (stopped) return;
     const since = position;
-    const conn = { ws: null, floor: null, acceptReplay: false, ackTimer: null, acked: 0, refreshTimer: null,
-      idleTimer: null, pongTimer: null, exp: tokenExpiry(first) };
+    const conn = { ws: null, floor: null, acceptReplay: false, ackTimer: null, acked: 0, personalPending: false,
+      refreshTimer: null, idleTimer: null, pongTimer: null, exp: tokenExpiry(first) };
     let ws;
     try {
       ws = new WS(target);
@@ -343,6 +343,7 @@ export function connect(options) {
           }
         } else if (fresh(message.message_id)) {
           report(opts.onMessage, message);
+          personal(conn);
         }
       }
       conn.acceptReplay = false;
@@ -367,7 +368,18 @@ export function connect(options) {
       deliver(conn, frame);
       return;
     }
-    if (fresh(frame.message_id)) report(opts.onMessage, frame); // personal and custom frames without an offset
+    if (fresh(frame.message_id)) { // personal and custom frames without an offset
+      report(opts.onMessage, frame);
+      personal(conn);
+    }
+  }
+
+  // The service keeps a personal message until a connection confirms it (an ack of any offset, or a PONG),
+  // so acknowledge soon after handing one over: a reload then does not bring it back.
+  function personal(conn) {
+    if (!autoAck) return;
+    conn.personalPending = true;
+    planAck(conn);
   }
 
   function deliver(conn, frame) {
@@ -382,8 +394,13 @@ export function connect(options) {
     if (conn.ackTimer !== null) return;
     conn.ackTimer = setTimeout(() => {
       conn.ackTimer = null;
-      if (position && position.epoch === (conn.floor && conn.floor.epoch) && position.offset > conn.acked) {
-        if (send(conn, { type: "ack", offset: position.offset })) conn.acked = position.offset;
+      const current = position && conn.floor && position.epoch === conn.floor.epoch ? position.offset : null;
+      if ((current !== null && current > conn.acked) || conn.personalPending) {
+        const offset = current === null ? conn.acked : Math.max(current, conn.acked);
+        if (send(conn, { type: "ack", offset: offset })) {
+          conn.acked = offset;
+          conn.personalPending = false;
+        }
       }
     }, ackInterval);
   }
