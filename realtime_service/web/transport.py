@@ -5,6 +5,11 @@ connection's queue with one `transport.write` of frames framed once per broadcas
 pushes back gets a task, which waits for the socket to drain: a slow client stalls nobody else, and an idle one
 costs no task. Closing is done by the handler after the reader stops: aiohttp closes the socket at once when
 `close()` races a pending `receive()`, which loses the close frame to a TCP reset while the client still sends.
+
+One task per connection: the handler itself reads. When the core closes a connection (revoke, slow consumer,
+heartbeat, drain, token expiry), `close()` wakes the handler's pending `receive()` by queueing WAKE on the
+WebSocket's reader; the handler leaves its read loop and closes in order. Nothing is created per connection that
+an idle connection does not need: no event, no future, no second task.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
+from aiohttp.http_websocket import WSMessage
 
 from realtime_service.connection import Connection
 from realtime_service.errors import CloseReason
@@ -28,6 +33,9 @@ FLUSH_BEFORE_CLOSE = 2.0  # seconds a closing connection may take to write what 
 CLOSE_HANDSHAKE = 2.0
 SILENT_PEER_CLOSE = 0.2  # a peer dropped by the heartbeat answers nothing: send the close frame, wait no longer
 ABORT_AFTER = 5.0  # seconds a closed connection may keep unsent bytes
+WAKE = WSMessage(WSMsgType.ERROR, object(), None)  # queued on a reader to end the handler's receive()
+
+_OPEN, _CLOSING, _PEER_GONE = 0, 1, 2
 
 
 class Flusher:
@@ -62,13 +70,12 @@ class Flusher:
 class WebSocketTransport:
     """Writes and the close sequence for one WebSocketResponse."""
 
-    __slots__ = ("_done", "_drainer", "_idle", "_marked", "_protocol", "_stopped", "_transport", "conn", "direct",
-                 "flusher", "metrics", "request", "ws")
+    __slots__ = ("_drainer", "_marked", "_protocol", "_reason", "_state", "_stopped", "_transport", "conn", "direct",
+                 "expiry", "flusher", "metrics", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, metrics: Metrics, flusher: Flusher,
                  direct: bool = True) -> None:
         self.ws = ws
-        self.request = request
         self.metrics = metrics
         self.flusher = flusher
         self.direct = direct  # False with permessage-deflate: frames then go through aiohttp's writer
@@ -78,41 +85,49 @@ class WebSocketTransport:
         self._transport = request.transport
         self._marked = False
         self._stopped = False
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._state = _OPEN
+        self._reason: CloseReason | None = None
         self._drainer: asyncio.Task[None] | None = None
-        self._done: asyncio.Future[CloseReason | None] = asyncio.get_running_loop().create_future()
+        self.expiry: asyncio.TimerHandle | None = None  # closes the connection when its token expires
 
     def start(self, conn: Connection) -> None:
         self.conn = conn
 
     # -- Transport ---------------------------------------------------------------------------------
     def wake(self) -> None:
-        self._idle.clear()
         if not self._marked and self._drainer is None and not self._stopped:
             self._marked = True
             self.flusher.mark(self)
 
     def close(self, reason: CloseReason) -> None:
-        if not self._done.done():
+        if self._state == _OPEN:
+            self._state = _CLOSING
+            self._reason = reason
             self.metrics.disconnects.labels(reason.reason or "normal").inc()
             if reason is CloseReason.SLOW_CONSUMER:
                 self.metrics.slow_consumers.inc()
-            self._done.set_result(reason)
+            reader = getattr(self.ws, "_reader", None)  # aiohttp's message queue, that receive() waits on
+            if reader is not None:
+                reader.feed_data(WAKE, 0)
+
+    @property
+    def closed(self) -> bool:
+        """Closing was decided: by the core (with a reason) or by the peer."""
+        return self._state != _OPEN
 
     @property
     def outcome(self) -> str:
         """How it ended, as the disconnects metric labels it: the close reason, `normal`, or `client`."""
-        if not self._done.done():
+        if self._state == _OPEN:
             return "open"
-        reason = self._done.result()
+        reason = self._reason
         return "client" if reason is None else reason.reason or "normal"
 
     def peer_gone(self) -> None:
         """The reader saw the client close or vanish."""
-        if not self._done.done():
+        if self._state == _OPEN:
+            self._state = _PEER_GONE
             self.metrics.disconnects.labels("client").inc()
-            self._done.set_result(None)
 
     # -- writing ---------------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -122,7 +137,6 @@ class WebSocketTransport:
         if conn is None or self._stopped or self._drainer is not None:
             return
         if not conn.outbox:
-            self._idle.set()
             return
         protocol = self._protocol
         if not self.direct or (protocol is not None and protocol.writing_paused):
@@ -137,7 +151,6 @@ class WebSocketTransport:
         outbox = conn.outbox
         if transport is None or transport.is_closing():
             outbox.clear()
-            self._idle.set()
             self.peer_gone()
             return
         if len(outbox) == 1:  # the common case at low rates: one frame, no list, no join
@@ -148,7 +161,6 @@ class WebSocketTransport:
                     conn.written_offset = offset
                 if conn.kept:
                     conn.wrote()
-                self._idle.set()
                 return
             outbox.force(frame, offset)
         chunks: list[bytes] = []
@@ -165,7 +177,6 @@ class WebSocketTransport:
         conn.written_offset = written
         if conn.kept:
             conn.wrote()
-        self._idle.set()
 
     async def _drain(self) -> None:
         """The socket pushed back: wait until it drains, write, repeat until the queue is empty."""
@@ -183,12 +194,10 @@ class WebSocketTransport:
             self.peer_gone()
         finally:
             self._drainer = None
-            if not conn.outbox:
-                self._idle.set()
 
     async def _writable(self) -> None:
-        protocol = self.request.protocol
-        transport = self.request.transport
+        protocol = self._protocol
+        transport = self._transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
         if protocol is None or not protocol.writing_paused:
@@ -212,31 +221,24 @@ class WebSocketTransport:
                 conn.wrote()
 
     # -- closing -----------------------------------------------------------------------------------------
-    async def run_until_closed(self, reader: asyncio.Task[None] | None,
-                               release: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Wait for a close request or the peer's departure, then close in order and free everything.
-
-        `release` runs as soon as the close is decided, before the flush and the close handshake, so the core
-        stops counting the connection at once (a heartbeat drop must not wait for a handshake that never comes).
+    async def finish(self) -> None:
+        """After the handler left its read loop and released the connection: write what is queued (bounded), then
+        the close handshake, and free everything. A heartbeat drop does not wait for a handshake that never comes.
         """
-        reason = await self._done
+        reason = self._reason
         conn = self.conn
-        if release is not None:
-            try:
-                await release()
-            except Exception:
-                log.exception("releasing a closed connection failed")
         silent = reason is CloseReason.HEARTBEAT_TIMEOUT
         if reason is not None and reason is not CloseReason.SLOW_CONSUMER and not silent and conn is not None:
             self.flush()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), FLUSH_BEFORE_CLOSE)
+            drainer = self._drainer
+            if drainer is not None:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError, ConnectionError, RuntimeError):
+                    await asyncio.wait_for(asyncio.shield(drainer), FLUSH_BEFORE_CLOSE)
         self._stopped = True
-        for task in (self._drainer, reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._drainer
         if conn is not None:
             conn.outbox.clear()
         try:
@@ -248,13 +250,16 @@ class WebSocketTransport:
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
         finally:
-            transport = self.request.transport
-            if transport is not None:
-                if not transport.is_closing():
-                    transport.close()
-                # A client that never reads would hold the write buffer forever: give the close frame time to
-                # leave, then cut the connection.
-                asyncio.get_running_loop().call_later(ABORT_AFTER, transport.abort)
+            self.abort_later()
+
+    def abort_later(self) -> None:
+        transport = self._transport
+        if transport is not None:
+            if not transport.is_closing():
+                transport.close()
+            # A client that never reads would hold the write buffer forever: give the close frame time to
+            # leave, then cut the connection.
+            asyncio.get_running_loop().call_later(ABORT_AFTER, transport.abort)
 
 
 def _payload(frame: bytes) -> bytes:

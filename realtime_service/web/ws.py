@@ -39,7 +39,7 @@ from realtime_service.protocol.session import (
 )
 from realtime_service.web.hosts import console_origin_allowed
 from realtime_service.web.http import diagnosis_id_of, json_error, request_token
-from realtime_service.web.state import STATE, AppState
+from realtime_service.web.state import STATE, AppState, EdgeState
 from realtime_service.web.transport import CLOSE_HANDSHAKE, WebSocketTransport
 
 log = logging.getLogger("realtime.ws")
@@ -217,7 +217,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppState, session: Session,
                  principal: Principal, diagnosis_id: int, resume: ResumeRequest, admitted_in: int, session_id: str,
                  address: str) -> None:
-    """The live part of a connection: attach, read until closed, detach."""
+    """The live part of a connection, in the handler's own task: attach, read until closed, release, close.
+
+    No second task and no closures: the core ends the read loop through the transport (`WebSocketTransport.close`
+    wakes `receive()`), so an idle connection is this coroutine, its objects and aiohttp's.
+    """
     settings, node, edge = state.settings, state.node, state.edge
     loop = asyncio.get_running_loop()
     transport = WebSocketTransport(ws, request, state.metrics, state.flusher, direct=not settings.ws_compression)
@@ -227,89 +231,91 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
                       principal.expires_at)
     transport.start(conn)
     leeway = node.verifier.leeway
+    transport.expiry = _expire(loop, conn, leeway)
     opened_at: float | None = None
-    released = False
-
-    def expire() -> asyncio.TimerHandle:
-        return loop.call_at(loop.time() + max(0.0, conn.expires_at + leeway - time.time()), conn.close,
-                            CloseReason.TOKEN_EXPIRED)
-
-    timer = expire()
-
-    async def release() -> None:
-        """Leave the hub, presence, the counts and the per-user limit as soon as the connection is closed, before
-        the close handshake: a client dropped by the heartbeat is gone, whatever its socket still does."""
-        nonlocal released
-        if released:
-            return
-        released = True
-        timer.cancel()
-        session.closed()
-        if conn.close_reason is None:
-            conn.close(CloseReason.NORMAL)
+    try:
         try:
-            await node.detach(conn)
-        finally:
-            if settings.max_connections_per_user:
-                await edge.counter.release(conn.user_id, session_id)
-            if opened_at is not None:
-                _audit_closed(conn, address, transport.outcome, loop.time() - opened_at)
-
-    async def read_loop() -> None:
-        nonlocal timer
-        try:
-            while True:
-                msg = await ws.receive()
-                kind = msg.type
-                if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                    action = session.receive(msg.data, kind is WSMsgType.BINARY, loop.time())
-                    if isinstance(action, Ping):
-                        conn.reply(frames.pong_frame(diagnosis_id))
-                    elif isinstance(action, Ack):
-                        await node.confirm(conn, action.offset)
-                    elif isinstance(action, Reject):
-                        conn.reply(frames.error_frame(diagnosis_id, action.code, action.message))
-                    elif isinstance(action, Refresh):
-                        if _refresh(conn, principal, action.token, node.verify):
-                            timer.cancel()
-                            timer = expire()
-                    elif isinstance(action, Close):
-                        conn.close(action.reason)
-                        return
-                elif kind is WSMsgType.PONG:
-                    await _pong(conn, node, msg.data)
-                elif kind is WSMsgType.PING:
-                    await ws.pong(msg.data)
-                elif kind is WSMsgType.ERROR and _is_too_big(msg.data):
-                    conn.close(CloseReason.MESSAGE_TOO_BIG)  # aiohttp already sent the 1009
-                    return
-                else:
-                    break
+            await node.attach(conn, resume, admitted_in)
+            if conn.close_reason is None:
+                opened_at = loop.time()
+                _audit_opened(conn, address)
+                await _read(ws, conn, transport, session, principal, node, leeway)
         except ServiceError as exc:
             conn.close(exc.close)
-        except (ConnectionError, RuntimeError):
-            pass
         except Exception:
-            log.exception("connection handler failed")
+            log.exception("connection handler failed" if opened_at is not None else "attach failed")
             conn.close(CloseReason.INTERNAL_ERROR)
-        transport.peer_gone()
-
-    reader: asyncio.Task[None] | None = None
-    try:
-        await node.attach(conn, resume, admitted_in)
-        if conn.close_reason is None:
-            opened_at = loop.time()
-            _audit_opened(conn, address)
-        reader = asyncio.create_task(read_loop())
-    except ServiceError as exc:
-        conn.close(exc.close)
-    except Exception:
-        log.exception("attach failed")
-        conn.close(CloseReason.INTERNAL_ERROR)
-    try:
-        await transport.run_until_closed(reader, release)
     finally:
-        await release()
+        # Leave the hub, presence, the counts and the per-user limit as soon as the connection is closed, before
+        # the close handshake: a client dropped by the heartbeat is gone, whatever its socket still does.
+        try:
+            await _release(conn, transport, session, node, edge, settings.max_connections_per_user, session_id,
+                           address, None if opened_at is None else loop.time() - opened_at)
+        except Exception:
+            log.exception("releasing a closed connection failed")
+    await transport.finish()
+
+
+def _expire(loop: asyncio.AbstractEventLoop, conn: Connection, leeway: float) -> asyncio.TimerHandle:
+    return loop.call_at(loop.time() + max(0.0, conn.expires_at + leeway - time.time()), conn.close,
+                        CloseReason.TOKEN_EXPIRED)
+
+
+async def _release(conn: Connection, transport: WebSocketTransport, session: Session, node: Node, edge: EdgeState,
+                   per_user_limit: int, session_id: str, address: str, duration: float | None) -> None:
+    if transport.expiry is not None:
+        transport.expiry.cancel()
+        transport.expiry = None
+    session.closed()
+    if conn.close_reason is None:
+        conn.close(CloseReason.NORMAL)
+    try:
+        await node.detach(conn)
+    finally:
+        if per_user_limit:
+            await edge.counter.release(conn.user_id, session_id)
+        if duration is not None:
+            _audit_closed(conn, address, transport.outcome, duration)
+
+
+async def _read(ws: web.WebSocketResponse, conn: Connection, transport: WebSocketTransport, session: Session,
+                principal: Principal, node: Node, leeway: float) -> None:
+    """Read client frames until the client leaves or the core closes the connection (WAKE)."""
+    diagnosis_id = conn.diagnosis_id
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            msg = await ws.receive()
+            if transport.closed:
+                return  # the core closed it (WAKE, or frames that came before it): nothing more is read
+            kind = msg.type
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                action = session.receive(msg.data, kind is WSMsgType.BINARY, loop.time())
+                if isinstance(action, Ping):
+                    conn.reply(frames.pong_frame(diagnosis_id))
+                elif isinstance(action, Ack):
+                    await node.confirm(conn, action.offset)
+                elif isinstance(action, Reject):
+                    conn.reply(frames.error_frame(diagnosis_id, action.code, action.message))
+                elif isinstance(action, Refresh):
+                    if _refresh(conn, principal, action.token, node.verify) and transport.expiry is not None:
+                        transport.expiry.cancel()
+                        transport.expiry = _expire(loop, conn, leeway)
+                elif isinstance(action, Close):
+                    conn.close(action.reason)
+                    return
+            elif kind is WSMsgType.PONG:
+                await _pong(conn, node, msg.data)
+            elif kind is WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif kind is WSMsgType.ERROR and _is_too_big(msg.data):
+                conn.close(CloseReason.MESSAGE_TOO_BIG)  # aiohttp already sent the 1009
+                return
+            else:
+                break
+    except (ConnectionError, RuntimeError):
+        pass
+    transport.peer_gone()
 
 
 def _audit_opened(conn: Connection, address: str) -> None:
