@@ -8,7 +8,6 @@ so a publish racing a reconnect is neither lost nor sent twice (PROTOCOL 3.7).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -29,13 +28,12 @@ from realtime_service.errors import (
     BrokerUnavailable,
     CloseReason,
     Forbidden,
-    IdempotencyKeyReused,
     OwnershipUnavailable,
-    ServiceError,
     ShuttingDown,
     ValidationFailed,
 )
 from realtime_service.hub import Hub
+from realtime_service.idempotency import Idempotency
 from realtime_service.metrics import Metrics
 from realtime_service.protocol import frames
 from realtime_service.protocol.models import PublishBody, PublishResult
@@ -44,8 +42,6 @@ from realtime_service.protocol.session import ResumeRequest
 log = logging.getLogger("realtime.node")
 
 DRAIN_TICK = 0.05
-IDEMPOTENCY_LEASE = 15.0  # seconds a reservation survives a node that died while publishing
-IDEMPOTENCY_POLL = 0.02  # seconds between looks at a key another node is publishing
 POSITION_OVERHEAD = 64  # bytes `with_position` may add to a body: offset and epoch
 
 
@@ -56,17 +52,6 @@ class Limits:
     outbox_max_bytes: int
     outbox_max_messages: int
     history_max_bytes: int = 1 << 20
-
-
-def _retrieve(future: asyncio.Future[bytes]) -> None:
-    # Every caller may have gone; the failure was theirs to see, not the event loop's to log.
-    if not future.cancelled():
-        future.exception()
-
-
-def _reused() -> IdempotencyKeyReused:
-    return IdempotencyKeyReused("this Idempotency-Key was used with another body; use a new key for a new message",
-                                {"Idempotency-Key": "reused with a different body"})
 
 
 def iso(ts: float) -> str:
@@ -87,7 +72,7 @@ class Node:
         self.cluster: Cluster = (cluster or (lambda hub: LocalCluster(hub, uuid.uuid4().hex[:12])))(self.hub)
         self.draining = False
         self._delivered: dict[tuple[int, int], int] = {}
-        self._idempotency_inflight: dict[tuple[str, str], tuple[str, asyncio.Future[bytes]]] = {}
+        self._idempotency = Idempotency(broker)
         self._inflight_publishes = 0
         self._publishes_done = asyncio.Event()
         self._publishes_done.set()
@@ -354,54 +339,8 @@ class Node:
 
     async def idempotent(self, scope: str, key: str | None, fingerprint: str,
                          produce: Callable[[], Awaitable[bytes]]) -> bytes:
-        """Run `produce` once per (scope, key) within the TTL, over every node; repeats get the first answer, and
-        a repeat with another body is refused (PROTOCOL 4, 5.2).
-
-        The work runs in a task of its own: a caller that disconnects half-way neither leaves a batch half
-        published nor fails a retry that is waiting on the same key.
-        """
-        if key is None:
-            return await asyncio.shield(asyncio.ensure_future(produce()))
-        running = self._idempotency_inflight.get((scope, key))
-        if running is not None:
-            if running[0] != fingerprint:
-                raise _reused()
-            return await asyncio.shield(running[1])
-        pending = asyncio.ensure_future(self._produce_once(scope, key, fingerprint, produce))
-        pending.add_done_callback(_retrieve)
-        self._idempotency_inflight[(scope, key)] = (fingerprint, pending)
-        return await asyncio.shield(pending)
-
-    async def _produce_once(self, scope: str, key: str, fingerprint: str,
-                            produce: Callable[[], Awaitable[bytes]]) -> bytes:
-        token = uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + IDEMPOTENCY_LEASE
-        try:
-            while True:
-                held = await self.broker.reserve_idempotency(scope, key, fingerprint, token, IDEMPOTENCY_LEASE)
-                if held is None:
-                    break
-                if held.fingerprint != fingerprint:
-                    raise _reused()
-                if held.done:
-                    return held.result
-                if loop.time() > give_up:  # another node holds it and neither finishes nor lets go
-                    raise BrokerUnavailable("a publish with this Idempotency-Key is still running; retry later")
-                await asyncio.sleep(IDEMPOTENCY_POLL)
-            try:
-                result = await produce()
-            except BaseException:
-                with contextlib.suppress(ServiceError):
-                    await self.broker.release_idempotency(scope, key, token)
-                raise
-            try:
-                await self.broker.complete_idempotency(scope, key, token, result)
-            except BrokerUnavailable:
-                log.warning("a published answer could not be stored under its Idempotency-Key")
-            return result
-        finally:
-            self._idempotency_inflight.pop((scope, key), None)
+        """Run `produce` once per Idempotency-Key over every node (PROTOCOL 4, 5.2); see idempotency.py."""
+        return await self._idempotency.run(scope, key, fingerprint, produce)
 
     # -- read endpoints --------------------------------------------------------------------------
     async def status(self, detail: bool) -> dict[str, Any]:

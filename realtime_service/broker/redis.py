@@ -36,7 +36,8 @@ from realtime_service.broker.base import (
     PublicationHandler,
     StreamPosition,
 )
-from realtime_service.broker.feeds import FeedSet, PubSubLink
+from realtime_service.broker.feeds import FeedSet
+from realtime_service.broker.link import PubSubLink
 from realtime_service.broker.sealing import Sealer, SealError, history_aad, personal_aad, result_aad
 from realtime_service.errors import BrokerUnavailable
 from realtime_service.protocol.frames import with_position
