@@ -3,7 +3,8 @@
 The same model and steps; the service is two apps (create_app with REALTIME_REDIS_URL in their settings) on one
 Redis, and publishes and connections alternate between them, so a device resumes on the other node than the
 one it left, and a publish answered by one node must reach the connections of the other, with cursors and
-history read from Redis.
+history read from Redis. One more step joins the mix: every pub/sub connection of the Redis killed
+(`CLIENT KILL TYPE pubsub`), after which the model expects exactly the same deliveries (PROTOCOL 5.3: no gap).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import itertools
 from typing import Any
 
 import aiohttp
+import redis
 from aiohttp.test_utils import TestServer
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from realtime_service.settings import Settings
@@ -23,7 +25,7 @@ from realtime_service.web.state import STATE
 from tests.cluster import unique_prefix
 from tests.fixtures_app import Service, make_settings
 from tests.support import Client, Seeder, Tokens
-from tests.test_resume_property import HISTORY_SIZE, Scenario
+from tests.test_resume_property import HISTORY_SIZE, Scenario, Step
 
 PREFIX = unique_prefix("prop")
 
@@ -48,6 +50,25 @@ class TwoNodes:
         return await next(self._connections).connect(*args, **kwargs)
 
 
+class RedisScenario(Scenario):
+    """The model of test_resume_property, plus killing the nodes' pub/sub connections between any two steps."""
+
+    def __init__(self, service: Any, uid: int, did: int, redis_url: str) -> None:
+        super().__init__(service, uid, did)
+        self.redis_url = redis_url
+
+    def choices(self) -> list[Step]:
+        return [*super().choices(), ("kill_pubsub",)]
+
+    async def do_kill_pubsub(self) -> None:
+        admin = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        try:
+            killed = admin.client_kill_filter(_type="pubsub")
+        finally:
+            admin.close()
+        event(f"pub/sub connections killed: {min(int(killed), 2)}{'+' if int(killed) > 2 else ''}")
+
+
 def redis_settings(dsn: str, redis_url: str) -> Settings:
     extra: dict[str, Any] = {"redis_url": redis_url}
     if "redis_prefix" in Settings.model_fields:
@@ -69,7 +90,7 @@ async def run_example(dsn: str, redis_url: str, seed: Seeder, data: st.DataObjec
             await server.start_server()
             servers.append(server)
             services.append(Service(server, app, app[STATE].settings, http, tokens, seed))
-        await Scenario(TwoNodes(services), uid, did).run(data)  # type: ignore[arg-type]
+        await RedisScenario(TwoNodes(services), uid, did, redis_url).run(data)
     finally:
         await http.close()
         for server in reversed(servers):
