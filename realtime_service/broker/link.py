@@ -48,6 +48,7 @@ class PubSubLink:
         self._last_seen = 0.0
         self._down_since: float | None = None  # loop time the link was last lost (None while it is up)
         self._wake = asyncio.Event()  # cuts a reconnect backoff short (Redis answered on another connection)
+        self._was_up = False  # the current connection got as far as its control subscription
         self.connected = asyncio.Event()
 
     def start(self) -> None:
@@ -102,12 +103,15 @@ class PubSubLink:
                 queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
                 self._expect.clear()
                 self._queue = queue
+                self._was_up = False
                 self._last_seen = loop.time()
                 self._send("SUBSCRIBE", self._keys.control())
                 for diagnosis_id in list(self._feeds.feeds):
                     self._send("SUBSCRIBE", self._keys.channel(diagnosis_id))
                 session = asyncio.create_task(self._session(conn, queue))
                 backoff = await self._watch(session, backoff)
+                if self._was_up:
+                    backoff = 0.05  # it worked until now: reconnect at once, not after the last outage's backoff
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError) as exc:
@@ -177,23 +181,31 @@ class PubSubLink:
                 self._feeds.fill(diagnosis_id, feed)
 
     async def _session(self, conn: Any, queue: asyncio.Queue[tuple[str, str]]) -> None:
+        """Read and write until either side fails. A write that fails (the connection was killed) makes redis-py
+        drop the socket under the reader, which may then never return: so whichever ends first ends both."""
+        reader = asyncio.create_task(self._read(conn))
         writer = asyncio.create_task(self._write(conn, queue))
-        loop = asyncio.get_running_loop()
         try:
-            while True:
-                reply = await conn.read_response(timeout=math.inf, push_request=True)
-                self._last_seen = loop.time()
-                if writer.done():
-                    writer.result()
-                kind = reply[0]
-                if kind == b"message":
-                    self._dispatch(reply[1], reply[2])
-                elif kind in (b"subscribe", b"unsubscribe"):
-                    self._confirm(reply[1], kind == b"subscribe")
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what ended it
+            raise ConnectionError("the pub/sub connection ended")
         finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
+            for task in (reader, writer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _read(self, conn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            reply = await conn.read_response(timeout=math.inf, push_request=True)
+            self._last_seen = loop.time()
+            kind = reply[0]
+            if kind == b"message":
+                self._dispatch(reply[1], reply[2])
+            elif kind in (b"subscribe", b"unsubscribe"):
+                self._confirm(reply[1], kind == b"subscribe")
 
     async def _write(self, conn: Any, queue: asyncio.Queue[tuple[str, str]]) -> None:
         while True:
@@ -214,6 +226,7 @@ class PubSubLink:
             return
         if channel == self._control:
             self.connected.set()
+            self._was_up = True
             self._down_since = None
             return
         if channel.startswith(self._channel_prefix):

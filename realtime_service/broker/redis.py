@@ -268,9 +268,6 @@ class RedisBroker:
             raise BrokerUnavailable("the broker ran the publish too late; nothing was published")
         offset, epoch = int(result[0]), result[1].decode()
         self._newest[diagnosis_id] = offset
-        feed = self.feeds.feeds.get(diagnosis_id)
-        if feed is not None and feed.ready.done() and feed.epoch == epoch and offset <= feed.last:
-            self.feeds.fill(diagnosis_id, feed)  # offsets went back: the fill starts a new epoch
         await self._note_active(diagnosis_id, now)
         publication = Publication(diagnosis_id, offset, epoch, with_position(body, offset, epoch), exclude_session)
         self.feeds.own(publication)
