@@ -3,12 +3,14 @@
 The document the service serves has no OpenAPI links, so this test adds them to its own copy: a publish (any of
 the publish endpoints, batch included) leads to the presence, deliveries and revoke of the diagnosis it answered,
 and to another publish to it; presence leads to deliveries and revoke. Schemathesis then walks sequences of
-calls, positive and negative, with a service token; half the generated diagnosis ids are pointed at one that
-exists, so the walks reach the success paths.
+calls, positive and negative, mostly with a service token (else the owner's token, another user's, none, or a
+forged one); half the generated diagnosis ids are pointed at one that exists, so the walks reach the success
+paths.
 
-Checks: no 5xx, every answer within the document (schema and content type), no crash in the service's logs, and
-a subscriber of the fuzzed diagnosis received every broadcast answered 200, in offset order, with no gap and no
-duplicate, and was never dropped (revoke leaves an owner connected: the replica still allows it).
+Checks: no 5xx, every answer within the document (schema and content type), no crash in the service's logs, no
+200 beyond the caller's rights (no token or a forged one: never; a user: only a publish to a diagnosis it owns),
+and a subscriber of the fuzzed diagnosis received exactly the broadcasts answered 200, in offset order, with no
+gap and no duplicate, and was never dropped (revoke leaves an owner connected: the replica still allows it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import copy
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -82,6 +85,40 @@ def chosen(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value % 2 == 0
 
 
+PROTECTED = (*PUBLISHERS, "/api/v1/publish/batch", *(path for _, path in PER_DIAGNOSIS.values()))
+
+
+def caller_of(case: Any) -> str:
+    """Who sends this request: mostly the main API's service token, else a user (the owner or not), no token or a
+    forged one; decided by the request itself, so a replayed example is sent the same way."""
+    digest = zlib.crc32(repr((case.operation.label, case.body, case.path_parameters, case.query)).encode()) % 10
+    return "service" if digest < 6 else ("owner", "other_user", "none", "forged")[digest - 6]
+
+
+def targets(case: Any) -> set[Any]:
+    """The diagnoses a request is about (path, body, batch messages)."""
+    found = {(case.path_parameters or {}).get("diagnosis_id")}
+    body = case.body if isinstance(case.body, dict) else {}
+    found.add(body.get("diagnosis_id"))
+    for message in body.get("messages") or [] if isinstance(body.get("messages"), list) else []:
+        if isinstance(message, dict):
+            found.add(message.get("diagnosis_id"))
+    return found - {None}
+
+
+def allowed(caller: str, case: Any, did: int) -> bool:
+    """PROTOCOL 4: a 200 from a protected endpoint needs a valid token; a user token may only publish to a
+    diagnosis that user owns (the owner owns `did` only), and never reach the service-only endpoints."""
+    path = case.operation.path
+    if path not in PROTECTED or caller == "service":
+        return True
+    if caller in ("none", "forged"):
+        return False
+    if path in (p for _, p in PER_DIAGNOSIS.values()):
+        return False
+    return caller == "owner" and targets(case) == {did}
+
+
 def pin(body: Any, did: int) -> None:
     """Point generated diagnosis ids at the existing diagnosis half of the time (personal targets dropped)."""
     if not isinstance(body, dict):
@@ -98,7 +135,14 @@ async def test_stateful_schemathesis_run_finds_no_server_error(start_edge_servic
         document = await resp.json()
     uid, did = service.seed.owned()
     subscriber = await service.connect(did, service.tokens.user(uid))
-    token = service.tokens.service()
+    other, _ = service.seed.owned()
+    credentials = {"service": service.tokens.service(), "owner": service.tokens.user(uid),
+                   "other_user": service.tokens.user(other), "none": "",
+                   "forged": service.tokens.encode({"sub": "main-api", "scope": "realtime:publish",
+                                                    "exp": int(time.time()) + 3600}, key="forged-" + "f" * 40)}
+    callers: dict[str, str] = {}
+    caller_counts: Counter[str] = Counter()
+    trespass: list[str] = []  # answers 200 that the caller's token must not get
     schema = schemathesis.openapi.from_dict(with_links(document))
     base_url = service.base_url
     deadline = time.monotonic() + budget(25.0)
@@ -116,8 +160,11 @@ async def test_stateful_schemathesis_run_finds_no_server_error(start_edge_servic
                 case.headers["Idempotency-Key"] = f"{case.operation.label} {case.headers['Idempotency-Key']}"[:200]
 
         def get_call_kwargs(self, case: Any) -> dict[str, Any]:
-            return {"base_url": base_url, "headers": {"Authorization": f"Bearer {token}"},
-                    "timeout": REQUEST_TIMEOUT}
+            caller = caller_of(case)
+            callers[case.id] = caller
+            caller_counts[caller] += 1
+            headers = {"Authorization": f"Bearer {credentials[caller]}"} if credentials[caller] else {}
+            return {"base_url": base_url, "headers": headers, "timeout": REQUEST_TIMEOUT}
 
         def call(self, case: Any, **kwargs: Any) -> Any:
             if time.monotonic() > deadline:  # the budget is spent: answer without sending (counted apart)
@@ -131,6 +178,9 @@ async def test_stateful_schemathesis_run_finds_no_server_error(start_edge_servic
             super().after_call(response, case)
             with lock:
                 statuses[f"{case.operation.label} {response.status_code}"] += 1
+                caller = callers.pop(case.id, "service")
+                if response.status_code == 200 and not allowed(caller, case, did):
+                    trespass.append(f"{caller} got 200 from {case.operation.label} with {case.body!r:.200}")
                 if response.status_code == 200 and case.operation.path in (*PUBLISHERS, "/api/v1/publish/batch"):
                     body = response.json()
                     results = body.get("results", [body])
@@ -159,7 +209,10 @@ async def test_stateful_schemathesis_run_finds_no_server_error(start_edge_servic
             await subscriber.wait_offset(newest)
         received = subscriber.offsets()
         assert received == sorted(set(received)), "duplicates or disorder at the subscriber"
-        assert set(broadcasts) <= set(received), f"answered 200 but never delivered: {set(broadcasts) - set(received)}"
+        assert set(broadcasts) == set(received), (f"answered 200 but not delivered: {set(broadcasts) - set(received)}"
+                                                  f"; delivered, never answered 200: {set(received) - set(broadcasts)}")
+        assert not trespass, f"{len(trespass)} answer(s) beyond the caller's rights: {trespass[:5]}"
+        assert set(credentials) <= set(caller_counts), f"some callers were never tried: {caller_counts}"
         assert received == list(range(1, newest + 1)), "a gap in the subscriber's offsets"
         assert not subscriber.closed, f"the subscriber was dropped ({subscriber.close_code})"
         async with service.http.get(f"{base_url}/healthz") as resp:
@@ -167,4 +220,4 @@ async def test_stateful_schemathesis_run_finds_no_server_error(start_edge_servic
     await subscriber.close()
     trap.assert_clean()
     print(f"\nREST stateful fuzzer: {sent} requests; {sum(1 for s in statuses if s.endswith(' 200'))} operations"
-          f" answered 200; {len(broadcasts)} broadcasts delivered\n{sorted(statuses.items())}")
+          f" answered 200; {len(broadcasts)} broadcasts delivered; callers {dict(caller_counts)}")
