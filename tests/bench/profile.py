@@ -170,7 +170,8 @@ def cpu(b: Bench, n: int, concurrency: int, rate: int) -> dict[str, Any]:
         for w in subs:
             w.expect("ready", deadline)
         proc = subprocess.Popen([str(spy), "record", "--pid", str(srv.pid), "--format", "raw", "--rate", str(rate),
-                                 "--output", str(out), "--full-filenames"],
+                                 "--output", str(out), "--full-filenames",
+                                 *(["--native"] if os.environ.get("BENCH_SPY_NATIVE") else [])],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)
         cpu0 = proc_cpu_seconds(srv.pid)

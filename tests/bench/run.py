@@ -49,7 +49,8 @@ from .stats import (
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
-SCENARIOS = ("fanout", "fanout_20", "many", "connect", "idle", "slow", "cluster", "workers", "redis_rtt")
+SCENARIOS = ("fanout", "fanout_20", "many", "connect", "idle", "slow", "cluster", "workers", "redis_rtt", "storm",
+             "storm_cluster", "workers_connect", "workers_storm")
 
 # user i owns diagnosis i for 1..SEED_USERS; warm-up connections use the top of the range
 SEED_USERS = 12_000
@@ -89,6 +90,10 @@ FULL: dict[str, dict[str, Any]] = {
     "cluster": {"subscribers": 1000, "publishes": 500, "rate": None, "publish_connections": 8, "nodes": 2},
     "workers": {"subscribers": 1000, "publishes": 500, "rate": None, "publish_connections": 8, "workers": 2},
     "redis_rtt": {"subscribers": [2, 20, 200, 1000], "publishes": 200, "publish_connections": 4, "nodes": 2},
+    "storm": {"clients": 5000, "nodes": 1, "rate": 100.0},
+    "storm_cluster": {"clients": 5000, "nodes": 2, "rate": 100.0},
+    "workers_connect": {"connections": 2000, "concurrency": 200, "workers": 2},
+    "workers_storm": {"clients": 5000, "rate": 100.0, "workers": 2},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "fanout": {"subscribers": 100, "publishes": 100},
@@ -100,6 +105,10 @@ QUICK: dict[str, dict[str, Any]] = {
     "cluster": {"subscribers": 100, "publishes": 100},
     "workers": {"subscribers": 100, "publishes": 100},
     "redis_rtt": {"subscribers": [2, 20, 100], "publishes": 50},
+    "storm": {"clients": 300, "rate": 50.0},
+    "storm_cluster": {"clients": 300, "rate": 50.0},
+    "workers_connect": {"connections": 300, "concurrency": 100},
+    "workers_storm": {"clients": 300, "rate": 50.0},
 }
 
 # metric -> (operator, value); printed beside the medians
@@ -143,6 +152,13 @@ TARGETS: dict[str, dict[str, tuple[str, Any]]] = {
     },
     "workers": {"lost": ("==", 0), "duplicated": ("==", 0), "order_breaks": ("==", 0)},
     "redis_rtt": {"lost": ("==", 0), "duplicated": ("==", 0)},
+    # issue 11: a reconnect storm is absorbed: everyone back, the replica asked a handful of times, nothing lost
+    "storm": {"lost": ("==", 0), "duplicated": ("==", 0), "never_back": ("==", 0),
+              "replica_queries_for_reconnects": ("<=", 500)},
+    "storm_cluster": {"lost": ("==", 0), "duplicated": ("==", 0), "never_back": ("==", 0),
+                      "replica_queries_for_reconnects": ("<=", 500)},
+    "workers_connect": {"failed": ("==", 0)},
+    "workers_storm": {"lost": ("==", 0), "duplicated": ("==", 0), "never_back": ("==", 0)},
 }
 
 
@@ -1023,6 +1039,13 @@ def sc_slow(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, Any]:
     }
 
 
+def sc_storms(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, Any]:
+    """storm, storm_cluster, workers_connect and workers_storm live in storm.py (issue 11)."""
+    from .storm import RUNNERS as STORMS
+
+    return STORMS[name](b, p, run, name)
+
+
 def sc_scaleout(b: Bench, p: dict[str, Any], run: int, name: str) -> dict[str, Any]:
     """cluster, workers and redis_rtt live in cluster.py (imported here so that cluster.py can import this)."""
     from .cluster import RUNNERS as SCALEOUT
@@ -1034,6 +1057,10 @@ RUNNERS: dict[str, Callable[[Bench, dict[str, Any], int, str], dict[str, Any]]] 
     "cluster": sc_scaleout,
     "workers": sc_scaleout,
     "redis_rtt": sc_scaleout,
+    "storm": sc_storms,
+    "storm_cluster": sc_storms,
+    "workers_connect": sc_storms,
+    "workers_storm": sc_storms,
     "fanout": sc_fanout,
     "fanout_20": sc_fanout,
     "many": sc_many,
@@ -1053,6 +1080,11 @@ DESCRIPTIONS = {
                "single-node in-memory fanout run of the same size",
     "workers": "fanout through Redis to `serve --workers 2` on one port, paired with one process on Redis",
     "redis_rtt": "Redis round trips and commands per publish as subscribers grow (2 nodes)",
+    "storm": "clients with since/epoch/device on one node on Redis; SIGTERM (drain), a new process on the port; "
+             "publishes throughout",
+    "storm_cluster": "as storm with 2 nodes on Redis; node 0 gets SIGTERM and stays down, its clients move",
+    "workers_connect": "the connect scenario on Redis: `serve --workers 2` beside one process",
+    "workers_storm": "the storm scenario: `serve --workers 2` beside one process",
 }
 
 
