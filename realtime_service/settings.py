@@ -69,7 +69,7 @@ class Settings(BaseModel):
     ownership_query: str = DEFAULT_OWNERSHIP_QUERY
     ownership_cache_ttl: float = Field(5, ge=0)
     ownership_batch_query: str = DEFAULT_OWNERSHIP_BATCH_QUERY
-    ownership_batch_window: float = Field(0.001, ge=0, le=0.1)
+    ownership_batch_window: float = Field(0.005, ge=0, le=0.1)
     console_enabled: bool = False
     allowed_origins: tuple[str, ...] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
