@@ -43,6 +43,12 @@ log = logging.getLogger("realtime.node")
 
 DRAIN_TICK = 0.05
 POSITION_OVERHEAD = 64  # bytes `with_position` may add to a body: offset and epoch
+# Connections between admission and `connect` at once. In a reconnect storm thousands arrive within a second; each
+# attach makes a few broker round trips, and with all of them under way at once each waits so long for the broker's
+# connection pool (and a CPU-bound loop) that it times out (1013 broker_unavailable), its client retries, and the
+# node never catches up (measured: 18,000 refusals and 23 s to bring 5,000 clients back). Waiting here instead is
+# cheap: an open socket and a suspended coroutine, and the ones under way finish within their deadlines.
+ATTACH_CONCURRENCY = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +83,7 @@ class Node:
         self._publishes_done = asyncio.Event()
         self._publishes_done.set()
         self._background: set[asyncio.Task[None]] = set()
+        self._attaching = asyncio.Semaphore(ATTACH_CONCURRENCY)
         broker.set_handler(self._on_publication)
         broker.set_lost_handler(self._on_lost)
         broker.set_control_handler(self._on_control)
@@ -162,7 +169,14 @@ class Node:
         return generation
 
     async def attach(self, conn: Connection, resume: ResumeRequest, admitted_in: int | None = None) -> None:
-        """Register, then send `connect`, the replay (3.7) and personal messages (3.8), then go live."""
+        """Register, then send `connect`, the replay (3.7) and personal messages (3.8), then go live.
+
+        At most ATTACH_CONCURRENCY at once; the others wait their turn (a storm is absorbed, not refused).
+        """
+        async with self._attaching:
+            await self._attach(conn, resume, admitted_in)
+
+    async def _attach(self, conn: Connection, resume: ResumeRequest, admitted_in: int | None) -> None:
         diagnosis_id, user_id = conn.diagnosis_id, conn.user_id
         if self.draining:  # admitted while the drain started (auth frame or replica still pending)
             raise ShuttingDown("the service is restarting; reconnect to another node")
