@@ -8,7 +8,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from realtime_service.broker.base import (
     ControlHandler,
@@ -29,7 +29,8 @@ class _Stream:
     epoch: str
     offset: int = 0
     bytes: int = 0
-    entries: deque[tuple[float, Publication]] = field(default_factory=deque)
+    # created by the first publish: a diagnosis that is only watched holds no deque (~600 bytes; issue 11)
+    entries: deque[tuple[float, Publication]] | None = None
 
 
 @dataclass(slots=True)
@@ -131,6 +132,8 @@ class MemoryBroker:
 
     def _trim(self, stream: _Stream) -> None:
         entries = stream.entries
+        if not entries:
+            return
         horizon = self._clock() - self._history_ttl
         while entries and (len(entries) > self._history_size or stream.bytes > self._history_max_bytes
                            or entries[0][0] <= horizon):
@@ -142,6 +145,8 @@ class MemoryBroker:
         stream.offset += 1
         publication = Publication(diagnosis_id, stream.offset, stream.epoch,
                                   with_position(body, stream.offset, stream.epoch), exclude_session)
+        if stream.entries is None:
+            stream.entries = deque()
         stream.entries.append((self._clock(), publication))
         stream.bytes += replay_size(publication.frame)
         self._retained += 1
@@ -156,7 +161,7 @@ class MemoryBroker:
     async def history(self, diagnosis_id: int, since: int) -> History:
         stream = self._stream(diagnosis_id)
         self._trim(stream)
-        entries = stream.entries
+        entries = stream.entries or ()
         oldest = entries[0][1].offset if entries else stream.offset + 1
         start = max(0, since - oldest + 1)
         pubs = tuple(entries[i][1] for i in range(start, len(entries)))
