@@ -7,6 +7,7 @@ from dataclasses import InitVar, dataclass, field
 
 from aiohttp import web
 
+from realtime_service.expiry import ExpiryHeap
 from realtime_service.limits import (
     ConnectionCounter,
     ConnectRateLimiter,
@@ -49,6 +50,7 @@ class AppState:
     metrics: Metrics
     demo_tokens: dict[str, str] = field(default_factory=dict)
     flusher: Flusher = field(default_factory=Flusher)
+    expiries: ExpiryHeap = field(default_factory=ExpiryHeap)  # token expiry of every connection, one timer
     repeats: Repeats = field(default_factory=Repeats)  # folds repeated client-fault log lines
     connection_counter: InitVar[ConnectionCounter | None] = None  # the per-user count; local unless given
     edge: EdgeState = field(init=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from aiohttp import WSMsgType, web
 from aiohttp.http_websocket import WSMessage
@@ -88,7 +89,7 @@ class WebSocketTransport:
         self._state = _OPEN
         self._reason: CloseReason | None = None
         self._drainer: asyncio.Task[None] | None = None
-        self.expiry: asyncio.TimerHandle | None = None  # closes the connection when its token expires
+        self.expiry: list[Any] | None = None  # its entry in the node's ExpiryHeap (token expiry)
 
     def start(self, conn: Connection) -> None:
         self.conn = conn

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -15,6 +16,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
@@ -22,6 +24,7 @@ from aiohttp.http_websocket import WebSocketError
 from realtime_service.auth.tokens import Principal
 from realtime_service.connection import Connection
 from realtime_service.errors import CloseReason, ServiceError, ShuttingDown, TooManyConnections
+from realtime_service.expiry import ExpiryHeap
 from realtime_service.limits import client_address, rate_key
 from realtime_service.node import Node
 from realtime_service.outbox import Outbox
@@ -231,7 +234,8 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
                       principal.expires_at)
     transport.start(conn)
     leeway = node.verifier.leeway
-    transport.expiry = _expire(loop, conn, leeway)
+    expiries = state.expiries
+    transport.expiry = _expire(expiries, loop, conn, leeway)
     opened_at: float | None = None
     try:
         try:
@@ -239,7 +243,7 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
             if conn.close_reason is None:
                 opened_at = loop.time()
                 _audit_opened(conn, address)
-                await _read(ws, conn, transport, session, principal, node, leeway)
+                await _read(ws, conn, transport, session, principal, node, expiries, leeway)
         except ServiceError as exc:
             conn.close(exc.close)
         except Exception:
@@ -249,22 +253,23 @@ async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppStat
         # Leave the hub, presence, the counts and the per-user limit as soon as the connection is closed, before
         # the close handshake: a client dropped by the heartbeat is gone, whatever its socket still does.
         try:
-            await _release(conn, transport, session, node, edge, settings.max_connections_per_user, session_id,
-                           address, None if opened_at is None else loop.time() - opened_at)
+            await _release(conn, transport, session, node, edge, expiries, settings.max_connections_per_user,
+                           session_id, address, None if opened_at is None else loop.time() - opened_at)
         except Exception:
             log.exception("releasing a closed connection failed")
     await transport.finish()
 
 
-def _expire(loop: asyncio.AbstractEventLoop, conn: Connection, leeway: float) -> asyncio.TimerHandle:
-    return loop.call_at(loop.time() + max(0.0, conn.expires_at + leeway - time.time()), conn.close,
-                        CloseReason.TOKEN_EXPIRED)
+def _expire(expiries: ExpiryHeap, loop: asyncio.AbstractEventLoop, conn: Connection, leeway: float) -> list[Any]:
+    return expiries.add(loop.time() + max(0.0, conn.expires_at + leeway - time.time()),
+                        functools.partial(conn.close, CloseReason.TOKEN_EXPIRED))
 
 
 async def _release(conn: Connection, transport: WebSocketTransport, session: Session, node: Node, edge: EdgeState,
-                   per_user_limit: int, session_id: str, address: str, duration: float | None) -> None:
+                   expiries: ExpiryHeap, per_user_limit: int, session_id: str, address: str,
+                   duration: float | None) -> None:
     if transport.expiry is not None:
-        transport.expiry.cancel()
+        expiries.cancel(transport.expiry)
         transport.expiry = None
     session.closed()
     if conn.close_reason is None:
@@ -279,7 +284,7 @@ async def _release(conn: Connection, transport: WebSocketTransport, session: Ses
 
 
 async def _read(ws: web.WebSocketResponse, conn: Connection, transport: WebSocketTransport, session: Session,
-                principal: Principal, node: Node, leeway: float) -> None:
+                principal: Principal, node: Node, expiries: ExpiryHeap, leeway: float) -> None:
     """Read client frames until the client leaves or the core closes the connection (WAKE)."""
     diagnosis_id = conn.diagnosis_id
     loop = asyncio.get_running_loop()
@@ -299,8 +304,8 @@ async def _read(ws: web.WebSocketResponse, conn: Connection, transport: WebSocke
                     conn.reply(frames.error_frame(diagnosis_id, action.code, action.message))
                 elif isinstance(action, Refresh):
                     if _refresh(conn, principal, action.token, node.verify) and transport.expiry is not None:
-                        transport.expiry.cancel()
-                        transport.expiry = _expire(loop, conn, leeway)
+                        expiries.cancel(transport.expiry)
+                        transport.expiry = _expire(expiries, loop, conn, leeway)
                 elif isinstance(action, Close):
                     conn.close(action.reason)
                     return
