@@ -121,6 +121,9 @@ async def _first_frame(ws: web.WebSocketResponse, session: Session, timeout: flo
             continue
         if msg.type is WSMsgType.ERROR and _is_too_big(msg.data):
             return CloseReason.MESSAGE_TOO_BIG  # aiohttp already sent the 1009
+        if msg.type is WSMsgType.CLOSE:
+            await _answer_close(ws)
+            return CloseReason.NORMAL
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             return CloseReason.NORMAL  # closed or errored
         action = session.receive(msg.data, msg.type is WSMsgType.BINARY, loop.time())
@@ -129,6 +132,14 @@ async def _first_frame(ws: web.WebSocketResponse, session: Session, timeout: flo
         if isinstance(action, Close):
             return action.reason
         return CloseReason.INVALID_TOKEN
+
+
+async def _answer_close(ws: web.WebSocketResponse) -> None:
+    """Answer the client's close frame (autoclose is off)."""
+    try:
+        await asyncio.wait_for(ws.close(), CLOSE_HANDSHAKE)
+    except (TimeoutError, ConnectionError, RuntimeError):
+        pass
 
 
 def _retry_after(status: int, code: str, message: str, seconds: int) -> web.Response:
@@ -171,7 +182,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if isinstance(resume, str):
         return json_error(400, "bad_resume", resume)
 
-    ws = _Response(autoping=False, heartbeat=None, max_msg_size=settings.max_frame_bytes,
+    # autoclose off: a client's close frame is answered after the connection is released (hub, presence, the
+    # per-user slot), so a client that closes and reconnects at once finds its slot free on every node.
+    ws = _Response(autoping=False, autoclose=False, heartbeat=None, max_msg_size=settings.max_frame_bytes,
                    compress=settings.ws_compression, timeout=CLOSE_HANDSHAKE)
     edge.websockets += 1
     session_id = str(uuid.uuid4())
