@@ -185,7 +185,11 @@ class StormProtocol(asyncio.Protocol):
 
 async def _run_client(client: StormClient, ports: list[int], state: dict[str, Any], refused: Counter[str],
                       closes: Counter[str]) -> None:
-    """Connect, and reconnect (backoff with full jitter, next node in turn) until told to stop."""
+    """Connect, and reconnect (backoff with full jitter, next node in turn) until told to stop.
+
+    `state["t_last_back"]` is when the last dropped client got its `connect` again (CLOCK_MONOTONIC is system-wide,
+    so the orchestrator can subtract its own SIGTERM time from it even while it was waiting for the node to exit).
+    """
     loop = asyncio.get_running_loop()
     attempt = 0
     first = True
@@ -221,6 +225,7 @@ async def _run_client(client: StormClient, ports: list[int], state: dict[str, An
             client.downtimes.append(loop.time() - client.down_at)
             client.down_at = None
             state["back"] += 1
+            state["t_last_back"] = time.monotonic()
         if first:
             first = False
             state["connected"] += 1
@@ -249,7 +254,7 @@ async def _storm_subscribers(pipe: Pipe, cfg: dict[str, Any]) -> None:
     cmds = _Commands(pipe)
     ports: list[int] = cfg["ports"]
     clients = [StormClient(d, token, device, i) for i, (d, token, device) in enumerate(cfg["subs"])]
-    state: dict[str, Any] = {"stopping": False, "connected": 0, "dropped": 0, "back": 0,
+    state: dict[str, Any] = {"stopping": False, "connected": 0, "dropped": 0, "back": 0, "t_last_back": 0.0,
                              "gate": asyncio.Semaphore(cfg.get("concurrency", 200))}
     refused: Counter[str] = Counter()
     closes: Counter[str] = Counter()
@@ -267,7 +272,7 @@ async def _storm_subscribers(pipe: Pipe, cfg: dict[str, Any]) -> None:
             refused.clear()
         elif cmd == "status":
             pipe.send(("status", {"live": sum(c.live for c in clients), "dropped": state["dropped"],
-                                  "back": state["back"], "t": time.monotonic()}))
+                                  "back": state["back"], "t": state["t_last_back"]}))
         elif cmd == "stop":
             offsets: dict[int, list[int]] = {int(k): v for k, v in arg["offsets"].items()}
             end = time.monotonic() + arg.get("grace", 10.0)
