@@ -102,10 +102,27 @@ async def test_offsets_going_back_start_a_new_history(node: tuple[RedisBroker, R
     await raw.xdel(stream, "4-0", "5-0")  # the copy was taken after offset 3
     await raw.execute_command("XSETID", stream, "3-0")
     await raw.hset(meta, "o", 3)
-    again = await broker.publish(DID, body(6))  # Redis hands out offset 4 once more
-    assert (again.offset, again.epoch) == (4, epoch)
+    again = await broker.publish(DID, body(6))  # offset 4 must not be handed out once more
+    assert again.epoch != epoch and again.offset == 1  # a new history, in which the message is the first
     await seen.until(lambda: seen.lost)
     (diagnosis_id, new_epoch), = seen.lost
-    assert diagnosis_id == DID and new_epoch is not None and new_epoch != epoch
+    assert (diagnosis_id, new_epoch) == (DID, again.epoch)
     assert (await broker.position(DID)).epoch == new_epoch
-    assert [p.offset for p in seen.publications] == [1, 2, 3, 4, 5]  # the repeated offset 4 was never handed on
+    assert [p.offset for p in seen.publications if p.epoch == epoch] == [1, 2, 3, 4, 5]
+
+
+async def test_offsets_going_back_are_noticed_without_a_publish(node: tuple[RedisBroker, Recorder],
+                                                                raw: redis.Redis) -> None:
+    """The same older copy, with nobody publishing: the node's periodic check starts the new history."""
+    broker, seen = node
+    await broker.subscribe(DID)
+    for n in range(1, 4):
+        await broker.publish(DID, body(n))
+    await seen.until(lambda: len(seen.publications) == 3)
+    epoch = seen.publications[0].epoch
+    await raw.xdel(broker.keys.stream(DID), "3-0")
+    await raw.execute_command("XSETID", broker.keys.stream(DID), "2-0")
+    await raw.hset(broker.keys.meta(DID), "o", 2)
+    await seen.until(lambda: seen.lost, timeout=15)  # the check runs about every 5 s
+    (diagnosis_id, new_epoch), = seen.lost
+    assert diagnosis_id == DID and new_epoch not in (None, epoch)

@@ -251,12 +251,14 @@ class RedisBroker:
         # A sealed body names its offset (associated data), so it is sealed for the offset this node expects next;
         # if another node took that one meanwhile, the script says which is next and it is sealed again.
         expected = self._expected_offset(diagnosis_id) if self._sealer else 0
+        feed = self.feeds.feeds.get(diagnosis_id)
+        known, known_epoch = (feed.last, feed.epoch) if feed is not None and feed.ready.done() else (0, "")
         for _attempt in range(SEAL_ATTEMPTS):
             stored = self._sealer.seal(body, history_aad(diagnosis_id, expected)) if self._sealer else body
             result = await self._call("publish", "publish", keys,
                                       (stored, exclude_session or "", now, self._history_size,
                                        self._history_max_bytes, self._ttl_ms, deadline, self.keys.channel(diagnosis_id),
-                                       _new_epoch(), len(body), expected, PUBLISH_ID_TTL_MS))
+                                       _new_epoch(), len(body), expected, PUBLISH_ID_TTL_MS, known, known_epoch))
             if int(result[0]) != -2:
                 break
             expected = int(result[2]) + 1

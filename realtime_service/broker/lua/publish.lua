@@ -6,7 +6,8 @@
 -- ARGV: 1 body, 2 exclude_session or "", 3 now (ms, node clock: retention), 4 history_size, 5 history_max_bytes,
 --       6 history_ttl (ms), 7 deadline (ms, Redis clock; 0 = none), 8 channel, 9 epoch to create if none,
 --       10 plaintext body length (the stored body may be sealed), 11 expected offset (0 = any),
---       12 how long a publish id is remembered (ms).
+--       12 how long a publish id is remembered (ms), 13 and 14 the newest offset and its epoch this node already
+--       handed on (0 and "" if none).
 -- Returns {offset, epoch}, or {-1, "late"} past the deadline, or {-2, epoch, newest} when the expected offset
 -- is not the next one (a sealed body names its offset, so the caller seals again and retries).
 local done = redis.call('GET', KEYS[3])
@@ -23,6 +24,15 @@ if deadline > 0 then
 end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
+  epoch = ARGV[9]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'b', 0)
+end
+-- Offsets below what a node already handed on, in the same epoch, mean Redis came back with an older copy of
+-- its data (a restored snapshot, a failover to a replica that was behind): rather than give an offset out again,
+-- start a new history, so that every client resumes with `recovered: false`.
+local known = tonumber(ARGV[13])
+if known > 0 and epoch == ARGV[14] and tonumber(redis.call('HGET', KEYS[1], 'o')) < known then
   epoch = ARGV[9]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'b', 0)
