@@ -50,6 +50,12 @@ from tests.support import SECRET, Client, Seeder, Tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMORY_SLACK = (16 * 1024 * 1024, 0.20)  # after <= before + max(16 MiB, 20 %)
+# Objects the cycle collector had to free, per connection served. A connection whose objects form a reference
+# cycle leaves all of them (about 40: aiohttp's request and writers, the loop's transport, ours) to the collector,
+# which under churn let the memory climb by tens of MiB that the allocator kept (issue 9). What is left is
+# aiohttp's stored exception of a connection cut by the peer (its traceback holds the response) and aiopg's cursor
+# per replica query: about 6 a connection.
+GARBAGE_PER_CONNECTION = 15
 SETTLE = 30.0  # seconds the server may take to free everything after the last client left
 POOL = 4  # replica pool fixed in size (min = max) so its count is comparable before and after
 WAIT = 15.0
@@ -81,6 +87,8 @@ class Figures:
     replica_connections: int = 0
     redis_connections: int | None = None
     hub_connections: int = 0
+    memory_detail: dict[str, int] = field(default_factory=dict)  # resident by mapping kind, glibc's own account
+    gc_collected: list[int] = field(default_factory=list)  # cyclic garbage found so far, by generation
 
 
 @dataclass
@@ -393,6 +401,9 @@ async def measure(server: SoakServer, http: aiohttp.ClientSession, dsn: str, red
     if "traced_bytes" in stats:  # SOAK_TRACEMALLOC=1: where the memory is, for a failed memory check
         shown = {k: v for k, v in stats.items() if k != "top_allocations"}
         print(f"server memory: {shown}", file=sys.stderr)
+    if "garbage_kinds" in stats:  # SOAK_GC_DEBUG=1
+        print(f"cyclic garbage: {stats['garbage_objects']} objects: {stats['garbage_kinds']}", file=sys.stderr)
+        print("\n".join(stats.get("garbage_cycles", [])), file=sys.stderr)
     if "top_allocations" in stats:
         print("top allocations:\n  " + "\n  ".join(stats["top_allocations"]), file=sys.stderr)
     async with http.get(f"{server.base_url}/ws/status") as resp:
@@ -400,7 +411,11 @@ async def measure(server: SoakServer, http: aiohttp.ClientSession, dsn: str, red
     return Figures(rss_bytes=stats["rss_bytes"], open_fds=stats["open_fds"], asyncio_tasks=stats["asyncio_tasks"],
                    gc_objects=stats["gc_objects"], replica_connections=replica_connections(dsn),
                    redis_connections=await redis_connections(redis_url) if redis_url else None,
-                   hub_connections=status["connections"])
+                   hub_connections=status["connections"],
+                   memory_detail={**{f"rss_{k}": v for k, v in stats.get("mappings", {}).items()},
+                                  **{k: v for k, v in stats.items() if k.startswith("malloc_")},
+                                  "rss_peak": stats.get("rss_peak_bytes", 0)},
+                   gc_collected=stats.get("gc_collected", []))
 
 
 async def settled(server: SoakServer, http: aiohttp.ClientSession, dsn: str, redis_url: str | None,
@@ -435,9 +450,10 @@ async def soak(cfg: Config) -> Report:
     workdir = Path(tempfile.mkdtemp(prefix="realtime-soak-"))
     embedded = None
     try:
-        dsn = cfg.database_url
-        if dsn is None:
+        if cfg.database_url is None:
             embedded, dsn = await asyncio.to_thread(_embedded_database, workdir)
+        else:
+            dsn = cfg.database_url
         from realtime_service.db.migrate import apply_migrations
 
         await asyncio.to_thread(apply_migrations, dsn)
@@ -489,6 +505,10 @@ def judge(report: Report, exit_code: int | None, server: SoakServer) -> None:
                 report.failures.append(f"{after.hub_connections} connection(s) still in the hub")
         elif getattr(after, name) != getattr(before, name):
             report.failures.append(f"{name}: {getattr(before, name)} before, {getattr(after, name)} after")
+    garbage = garbage_per_connection(report)
+    if garbage is not None and garbage > GARBAGE_PER_CONNECTION:
+        report.failures.append(f"cyclic garbage: {garbage:.1f} objects per connection served (at most "
+                               f"{GARBAGE_PER_CONNECTION}); SOAK_GC_DEBUG=1 names the cycles")
     slack = max(MEMORY_SLACK[0], int(before.rss_bytes * MEMORY_SLACK[1]))
     if after.rss_bytes > before.rss_bytes + slack:
         report.failures.append(f"memory: {before.rss_bytes} bytes before, {after.rss_bytes} after")
@@ -497,6 +517,13 @@ def judge(report: Report, exit_code: int | None, server: SoakServer) -> None:
     if exit_code != 0:
         report.failures.append(f"the server exited {exit_code}")
     report.failures.extend(f"server log: {line}" for line in server.errors()[:10])
+
+
+def garbage_per_connection(report: Report) -> float | None:
+    """Objects the cycle collector freed during the measured run (up to the reading after it), per connection."""
+    if not report.connections or not report.after.gc_collected:
+        return None
+    return (sum(report.after.gc_collected) - sum(report.before.gc_collected)) / report.connections
 
 
 def summary(report: Report) -> str:
@@ -512,6 +539,11 @@ def summary(report: Report) -> str:
         f"{a.open_fds}; tasks {b.asyncio_tasks} -> {a.asyncio_tasks}; replica connections "
         f"{b.replica_connections} -> {a.replica_connections}; redis connections {b.redis_connections} -> "
         f"{a.redis_connections}",
+        "  memory by kind (MiB, before -> after): " + ", ".join(
+            f"{k} {b.memory_detail.get(k, 0) / mib:.1f} -> {a.memory_detail.get(k, 0) / mib:.1f}"
+            for k in sorted(set(b.memory_detail) | set(a.memory_detail)) if k != "rss_peak"),
+        f"  cyclic garbage: {garbage_per_connection(report) or 0:.1f} objects per connection served; peak memory "
+        f"{a.memory_detail.get('rss_peak', 0) / mib:.1f} MiB",
         "  result: " + ("held" if report.ok else "FAILED:\n    " + "\n    ".join(report.failures)),
     ]
     return "\n".join(lines)
