@@ -244,7 +244,7 @@ class Node:
             except Exception:  # the broker logs and counts its own failures
                 log.warning("unsubscribe failed for a diagnosis", exc_info=True)
 
-    async def confirm(self, conn: Connection, offset: int) -> None:
+    def confirm(self, conn: Connection, offset: int) -> None:
         """The client has everything up to `offset` (ack, or a PONG after those frames were written), and the kept
         personal messages it was sent, once they were written.
 

@@ -10,6 +10,8 @@ _LONG = struct.Struct("!BBQ")
 
 TEXT = 0x81  # FIN + text
 PING = 0x89  # FIN + ping
+PONG = 0x8A  # FIN + pong
+CLOSE = 0x88  # FIN + close
 
 
 def frame(payload: bytes, opcode: int = TEXT) -> bytes:
@@ -28,3 +30,12 @@ def text(payload: bytes) -> bytes:
 
 def ping(payload: bytes) -> bytes:
     return frame(payload[:125], PING)
+
+
+def pong(payload: bytes) -> bytes:
+    return frame(payload[:125], PONG)
+
+
+def close(code: int, reason: bytes = b"") -> bytes:
+    """A close frame; the reason is cut to fit a control frame's 125 bytes."""
+    return frame(struct.pack("!H", code) + reason[:123], CLOSE)

@@ -26,7 +26,7 @@ from realtime_service.web import openapi, ops, rest
 from realtime_service.web.client_assets import setup_client_routes
 from realtime_service.web.http import error_middleware
 from realtime_service.web.state import STATE, AppState
-from realtime_service.web.ws import websocket_handler
+from realtime_service.web.ws import close_sockets, websocket_handler
 
 log = logging.getLogger("realtime.app")
 
@@ -148,6 +148,7 @@ def create_app(settings: Settings, *, ownership_source: OwnershipSource | None =
         from realtime_service.web.console import setup_console
 
         setup_console(app)
+    app.on_shutdown.append(close_sockets)
     app.cleanup_ctx.append(_lifecycle)
     return app
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field
 
@@ -20,7 +21,7 @@ from realtime_service.metrics import Metrics
 from realtime_service.node import Node
 from realtime_service.settings import Settings
 from realtime_service.web.hosts import known_hosts
-from realtime_service.web.transport import Flusher
+from realtime_service.web.websocket import Flusher, WebSocket
 
 
 @dataclass(slots=True)
@@ -52,6 +53,9 @@ class AppState:
     flusher: Flusher = field(default_factory=Flusher)
     expiries: ExpiryHeap = field(default_factory=ExpiryHeap)  # token expiry of every connection, one timer
     repeats: Repeats = field(default_factory=Repeats)  # folds repeated client-fault log lines
+    sockets: set[WebSocket] = field(default_factory=set)  # upgraded and not yet closed: aiohttp no longer knows them
+    closing: set[asyncio.Task[None]] = field(default_factory=set)  # live connections' ends (release, close)
+    all_closed: asyncio.Event | None = None  # set when the last socket closed, once shutdown waits for it
     connection_counter: InitVar[ConnectionCounter | None] = None  # the per-user count; local unless given
     edge: EdgeState = field(init=False)
 

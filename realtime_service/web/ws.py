@@ -1,7 +1,9 @@
-"""`GET /ws/{diagnosis_id}`: upgrade, authenticate, admit, then read client frames (PROTOCOL 3).
+"""`GET /ws/{diagnosis_id}`: check, upgrade, authenticate, admit, attach; then read client frames (PROTOCOL 3).
 
-The handler reads; the connection's writer task writes. Every rule about client frames is in
-protocol.session; every close reason comes from errors.CloseReason.
+The handler runs in aiohttp's request task until the connection is live, then returns: from there on the
+connection is a `WebSocket` protocol (web.websocket) whose parser hands each client message to `Live`, and
+nothing per connection waits in a task. Every rule about client frames is in protocol.session; every close
+reason comes from errors.CloseReason.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
-from aiohttp.http_websocket import WebSocketError
+from aiohttp import WSMsgType, web
+from aiohttp.http_websocket import WSMessage
 
 from realtime_service.auth.tokens import Principal
 from realtime_service.connection import Connection
@@ -42,13 +44,14 @@ from realtime_service.protocol.session import (
 )
 from realtime_service.web.hosts import console_origin_allowed
 from realtime_service.web.http import diagnosis_id_of, json_error, request_token
-from realtime_service.web.state import STATE, AppState, EdgeState
-from realtime_service.web.transport import CLOSE_HANDSHAKE, WebSocketTransport
+from realtime_service.web.state import STATE, AppState
+from realtime_service.web.websocket import WebSocket, handshake, hijack
 
 log = logging.getLogger("realtime.ws")
 audit = logging.getLogger("realtime.audit")
 
 SEND_BUFFER_BYTES = 256 * 1024
+SHUTDOWN_WAIT = 3.0  # seconds shutdown waits for open WebSockets to finish their close handshake
 NODE_FULL_RETRY = (5, 15)  # seconds a client is told to wait when this node is full, spread to avoid a herd
 
 
@@ -66,19 +69,6 @@ def origin_allowed(request: web.Request, state: AppState) -> bool:
     return False
 
 
-class _Response(web.WebSocketResponse):
-    """aiohttp closes an oversized message 1009 itself, with an empty reason; give it the table's word."""
-
-    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
-        if code == CloseReason.MESSAGE_TOO_BIG.code and not message:
-            message = CloseReason.MESSAGE_TOO_BIG.reason.encode()
-        return await super().close(code=code, message=message, drain=drain)
-
-
-def _is_too_big(msg: object) -> bool:
-    return isinstance(msg, WebSocketError) and msg.code == WSCloseCode.MESSAGE_TOO_BIG
-
-
 def _merge_resume(query: ResumeRequest, frame: ResumeRequest, given: frozenset[str]) -> ResumeRequest:
     """Resume fields may come in the query or the auth frame (PROTOCOL 3.7); the frame wins field by field."""
     return ResumeRequest(since=frame.since if "since" in given else query.since,
@@ -86,24 +76,17 @@ def _merge_resume(query: ResumeRequest, frame: ResumeRequest, given: frozenset[s
                          device=frame.device if "device" in given else query.device)
 
 
-def _bound_kernel_buffer(request: web.Request) -> None:
+def _bound_kernel_buffer(transport: asyncio.BaseTransport | None) -> None:
     """Cap the kernel's send buffer, so a client that stops reading fills its outbox (and is closed
     `slow_consumer`) after a bounded amount of memory, not after megabytes of autotuned socket buffer."""
-    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
 
-async def _close(ws: web.WebSocketResponse, reason: CloseReason) -> None:
-    try:
-        await asyncio.wait_for(ws.close(code=reason.code, message=reason.reason.encode()), CLOSE_HANDSHAKE)
-    except (TimeoutError, ConnectionError, RuntimeError):
-        pass
-
-
-async def _first_frame(ws: web.WebSocketResponse, session: Session, timeout: float) -> Authenticate | CloseReason:
-    """Wait for the `auth` frame (PROTOCOL 3.1); answers control frames meanwhile."""
+async def _first_frame(ws: WebSocket, session: Session, timeout: float) -> Authenticate | CloseReason:
+    """Wait for the `auth` frame (PROTOCOL 3.1); the WebSocket answers PINGs meanwhile."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -111,35 +94,19 @@ async def _first_frame(ws: web.WebSocketResponse, session: Session, timeout: flo
         if remaining <= 0:
             return CloseReason.AUTH_TIMEOUT
         try:
-            msg = await ws.receive(timeout=remaining)
+            msg = await ws.receive(remaining)
         except TimeoutError:
             return CloseReason.AUTH_TIMEOUT
-        if msg.type is WSMsgType.PING:
-            await ws.pong(msg.data)
-            continue
         if msg.type is WSMsgType.PONG:
             continue
-        if msg.type is WSMsgType.ERROR and _is_too_big(msg.data):
-            return CloseReason.MESSAGE_TOO_BIG  # aiohttp already sent the 1009
-        if msg.type is WSMsgType.CLOSE:
-            await _answer_close(ws)
-            return CloseReason.NORMAL
-        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            return CloseReason.NORMAL  # closed or errored
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):  # closed: by the client, or too big a frame
+            return ws.reason or CloseReason.NORMAL
         action = session.receive(msg.data, msg.type is WSMsgType.BINARY, loop.time())
         if isinstance(action, Authenticate):
             return action
         if isinstance(action, Close):
             return action.reason
         return CloseReason.INVALID_TOKEN
-
-
-async def _answer_close(ws: web.WebSocketResponse) -> None:
-    """Answer the client's close frame (autoclose is off)."""
-    try:
-        await asyncio.wait_for(ws.close(), CLOSE_HANDSHAKE)
-    except (TimeoutError, ConnectionError, RuntimeError):
-        pass
 
 
 def _retry_after(status: int, code: str, message: str, seconds: int) -> web.Response:
@@ -155,6 +122,13 @@ def _refused(user_id: int | None, diagnosis_id: int, device: str, address: str, 
         audit.info("connection refused", extra={"event": "ws_refused", "user_id": user_id,
                                                 "diagnosis_id": diagnosis_id, "device": device, "client": address,
                                                 "close_reason": reason.reason, "close_code": reason.code})
+
+
+SWITCHED = 101  # what the handler returns once the socket is the service's: aiohttp only logs it
+
+
+def _switched() -> web.Response:
+    return web.Response(status=SWITCHED)
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -181,17 +155,20 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     resume = parse_resume(request.query.get("since"), request.query.get("epoch"), request.query.get("device"))
     if isinstance(resume, str):
         return json_error(400, "bad_resume", resume)
+    shake = handshake(request, settings.ws_compression)
+    if isinstance(shake, str):
+        return json_error(400, "bad_handshake", shake)
 
-    # autoclose off: a client's close frame is answered after the connection is released (hub, presence, the
-    # per-user slot), so a client that closes and reconnects at once finds its slot free on every node.
-    ws = _Response(autoping=False, autoclose=False, heartbeat=None, max_msg_size=settings.max_frame_bytes,
-                   compress=settings.ws_compression, timeout=CLOSE_HANDSHAKE)
+    ws = WebSocket(loop, metrics, state.flusher, settings.max_frame_bytes, shake)
+    if not hijack(request, ws, shake):
+        return _switched()  # the client left before its 101: nothing to answer
+    _bound_kernel_buffer(ws.transport)
     edge.websockets += 1
+    state.sockets.add(ws)
     session_id = str(uuid.uuid4())
     counted: int | None = None  # the user whose per-user slot this connection holds
+    handed_over = False  # once live, `Live` releases and closes it
     try:
-        await ws.prepare(request)
-        _bound_kernel_buffer(request)
         session = Session(settings.rate_limit, settings.rate_burst, loop.time(),
                           authenticated_by_request=bool(token))
         principal: Principal | None = None
@@ -200,9 +177,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 first = await _first_frame(ws, session, settings.auth_timeout)
                 if isinstance(first, CloseReason):
                     metrics.connection_attempts.labels(first.reason or "closed").inc()
-                    if first not in (CloseReason.NORMAL, CloseReason.MESSAGE_TOO_BIG):
-                        await _close(ws, first)
-                    return ws
+                    if first is not CloseReason.NORMAL:
+                        ws.close(first)
+                    return _switched()
                 token, resume = first.token, _merge_resume(resume, first.resume, first.given)
                 session.opened()
             principal = node.verify(token)
@@ -214,63 +191,129 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         except ServiceError as exc:
             metrics.connection_attempts.labels(exc.close.reason).inc()
             _refused(principal.user_id if principal else None, diagnosis_id, resume.device, address, exc.close)
-            await _close(ws, exc.close)
-            return ws
+            ws.close(exc.close)
+            return _switched()
         except Exception:  # the upgrade is done: answer with a close code, never an HTTP 500 on the socket
             log.exception("admitting a connection failed")
             metrics.connection_attempts.labels(CloseReason.INTERNAL_ERROR.reason).inc()
-            await _close(ws, CloseReason.INTERNAL_ERROR)
-            return ws
+            ws.close(CloseReason.INTERNAL_ERROR)
+            return _switched()
+        if ws.closed:  # the client left (or the node began to drain) while it was checked
+            return _switched()
         metrics.connection_attempts.labels("accepted").inc()
-        await _serve(ws, request, state, session, principal, diagnosis_id, resume, admitted_in, session_id, address)
-        return ws
+        handed_over = await _attach(ws, state, session, principal, diagnosis_id, resume, admitted_in, session_id,
+                                    address)
+        return _switched()
     finally:
-        edge.websockets -= 1
-        if counted is not None:
-            await edge.counter.release(counted, session_id)
+        if not handed_over:
+            try:
+                if counted is not None:
+                    await edge.counter.release(counted, session_id)
+            finally:
+                await _finish(ws, state)
 
 
-async def _serve(ws: web.WebSocketResponse, request: web.Request, state: AppState, session: Session,
-                 principal: Principal, diagnosis_id: int, resume: ResumeRequest, admitted_in: int, session_id: str,
-                 address: str) -> None:
-    """The live part of a connection, in the handler's own task: attach, read until closed, release, close.
+async def _finish(ws: WebSocket, state: AppState) -> None:
+    try:
+        await ws.finish()
+    finally:
+        state.edge.websockets -= 1
+        state.sockets.discard(ws)
+        if not state.sockets and state.all_closed is not None:
+            state.all_closed.set()
 
-    No second task and no closures: the core ends the read loop through the transport (`WebSocketTransport.close`
-    wakes `receive()`), so an idle connection is this coroutine, its objects and aiohttp's.
-    """
-    settings, node, edge = state.settings, state.node, state.edge
+
+async def _attach(ws: WebSocket, state: AppState, session: Session, principal: Principal, diagnosis_id: int,
+                  resume: ResumeRequest, admitted_in: int, session_id: str, address: str) -> bool:
+    """Attach the admitted connection and hand it to `Live`; False when it closed first (released here)."""
+    settings, node = state.settings, state.node
     loop = asyncio.get_running_loop()
-    transport = WebSocketTransport(ws, request, state.metrics, state.flusher, direct=not settings.ws_compression)
     assert principal.user_id is not None
     conn = Connection(session_id, diagnosis_id, principal.user_id, resume.device,
-                      Outbox(settings.outbox_max_bytes, settings.outbox_max_messages), transport,
-                      principal.expires_at)
-    transport.start(conn)
-    leeway = node.verifier.leeway
-    expiries = state.expiries
-    transport.expiry = _expire(expiries, loop, conn, leeway)
-    opened_at: float | None = None
+                      Outbox(settings.outbox_max_bytes, settings.outbox_max_messages), ws, principal.expires_at)
+    ws.conn = conn
+    ws.expiry = _expire(state.expiries, loop, conn, node.verifier.leeway)
     try:
+        await node.attach(conn, resume, admitted_in)
+    except ServiceError as exc:
+        conn.close(exc.close)
+    except Exception:
+        log.exception("attach failed")
+        conn.close(CloseReason.INTERNAL_ERROR)
+    if conn.close_reason is not None:
         try:
-            await node.attach(conn, resume, admitted_in)
-            if conn.close_reason is None:
-                opened_at = loop.time()
-                _audit_opened(conn, address)
-                await _read(ws, conn, transport, session, principal, node, expiries, leeway)
+            await _release(conn, ws, session, state, None)
+        except Exception:
+            log.exception("releasing a closed connection failed")
+        return False
+    _audit_opened(conn, address)
+    ws.go_live(Live(ws, conn, state, session, principal, address, loop.time()))
+    return True
+
+
+class Live:
+    """Reads a live connection: each client message as the parser delivers it, then its release and close.
+
+    No task and no closures while it is open; one task runs the end (release, then the close handshake).
+    """
+
+    __slots__ = ("address", "conn", "opened_at", "principal", "session", "state", "ws")
+
+    def __init__(self, ws: WebSocket, conn: Connection, state: AppState, session: Session, principal: Principal,
+                 address: str, opened_at: float) -> None:
+        self.ws = ws
+        self.conn = conn
+        self.state = state
+        self.session = session
+        self.principal = principal
+        self.address = address
+        self.opened_at = opened_at
+
+    def on_message(self, msg: WSMessage) -> None:
+        conn, node = self.conn, self.state.node
+        kind = msg.type
+        try:
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                action = self.session.receive(msg.data, kind is WSMsgType.BINARY, asyncio.get_running_loop().time())
+                if isinstance(action, Ping):
+                    conn.reply(frames.pong_frame(conn.diagnosis_id))
+                elif isinstance(action, Ack):
+                    node.confirm(conn, action.offset)
+                elif isinstance(action, Reject):
+                    conn.reply(frames.error_frame(conn.diagnosis_id, action.code, action.message))
+                elif isinstance(action, Refresh):
+                    self._refresh(action.token)
+                elif isinstance(action, Close):
+                    conn.close(action.reason)
+            elif kind is WSMsgType.PONG:
+                _pong(conn, node, msg.data)
         except ServiceError as exc:
             conn.close(exc.close)
         except Exception:
-            log.exception("connection handler failed" if opened_at is not None else "attach failed")
+            log.exception("connection handler failed")
             conn.close(CloseReason.INTERNAL_ERROR)
-    finally:
+
+    def _refresh(self, token: str) -> None:
+        ws, state = self.ws, self.state
+        if _refresh(self.conn, self.principal, token, state.node.verify) and ws.expiry is not None:
+            state.expiries.cancel(ws.expiry)
+            ws.expiry = _expire(state.expiries, asyncio.get_running_loop(), self.conn, state.node.verifier.leeway)
+
+    def ended(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._end())
+        closing = self.state.closing
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    async def _end(self) -> None:
         # Leave the hub, presence, the counts and the per-user limit as soon as the connection is closed, before
         # the close handshake: a client dropped by the heartbeat is gone, whatever its socket still does.
         try:
-            await _release(conn, transport, session, node, edge, expiries, settings.max_connections_per_user,
-                           session_id, address, None if opened_at is None else loop.time() - opened_at)
+            await _release(self.conn, self.ws, self.session, self.state,
+                           asyncio.get_running_loop().time() - self.opened_at, self.address)
         except Exception:
             log.exception("releasing a closed connection failed")
-    await transport.finish()
+        await _finish(self.ws, self.state)
 
 
 def _expire(expiries: ExpiryHeap, loop: asyncio.AbstractEventLoop, conn: Connection, leeway: float) -> list[Any]:
@@ -278,62 +321,21 @@ def _expire(expiries: ExpiryHeap, loop: asyncio.AbstractEventLoop, conn: Connect
                         functools.partial(conn.close, CloseReason.TOKEN_EXPIRED))
 
 
-async def _release(conn: Connection, transport: WebSocketTransport, session: Session, node: Node, edge: EdgeState,
-                   expiries: ExpiryHeap, per_user_limit: int, session_id: str, address: str,
-                   duration: float | None) -> None:
-    if transport.expiry is not None:
-        expiries.cancel(transport.expiry)
-        transport.expiry = None
+async def _release(conn: Connection, ws: WebSocket, session: Session, state: AppState, duration: float | None,
+                   address: str = "") -> None:
+    if ws.expiry is not None:
+        state.expiries.cancel(ws.expiry)
+        ws.expiry = None
     session.closed()
     if conn.close_reason is None:
         conn.close(CloseReason.NORMAL)
     try:
-        await node.detach(conn)
+        await state.node.detach(conn)
     finally:
-        if per_user_limit:
-            await edge.counter.release(conn.user_id, session_id)
+        if state.settings.max_connections_per_user:
+            await state.edge.counter.release(conn.user_id, conn.session)
         if duration is not None:
-            _audit_closed(conn, address, transport.outcome, duration)
-
-
-async def _read(ws: web.WebSocketResponse, conn: Connection, transport: WebSocketTransport, session: Session,
-                principal: Principal, node: Node, expiries: ExpiryHeap, leeway: float) -> None:
-    """Read client frames until the client leaves or the core closes the connection (WAKE)."""
-    diagnosis_id = conn.diagnosis_id
-    loop = asyncio.get_running_loop()
-    try:
-        while True:
-            msg = await ws.receive()
-            if transport.closed:
-                return  # the core closed it (WAKE, or frames that came before it): nothing more is read
-            kind = msg.type
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                action = session.receive(msg.data, kind is WSMsgType.BINARY, loop.time())
-                if isinstance(action, Ping):
-                    conn.reply(frames.pong_frame(diagnosis_id))
-                elif isinstance(action, Ack):
-                    await node.confirm(conn, action.offset)
-                elif isinstance(action, Reject):
-                    conn.reply(frames.error_frame(diagnosis_id, action.code, action.message))
-                elif isinstance(action, Refresh):
-                    if _refresh(conn, principal, action.token, node.verify) and transport.expiry is not None:
-                        expiries.cancel(transport.expiry)
-                        transport.expiry = _expire(expiries, loop, conn, leeway)
-                elif isinstance(action, Close):
-                    conn.close(action.reason)
-                    return
-            elif kind is WSMsgType.PONG:
-                await _pong(conn, node, msg.data)
-            elif kind is WSMsgType.PING:
-                await ws.pong(msg.data)
-            elif kind is WSMsgType.ERROR and _is_too_big(msg.data):
-                conn.close(CloseReason.MESSAGE_TOO_BIG)  # aiohttp already sent the 1009
-                return
-            else:
-                break
-    except (ConnectionError, RuntimeError):
-        pass
-    transport.peer_gone()
+            _audit_closed(conn, address, ws.outcome, duration)
 
 
 def _audit_opened(conn: Connection, address: str) -> None:
@@ -365,7 +367,7 @@ def _refresh(conn: Connection, principal: Principal, token: str, verify: Callabl
     return True
 
 
-async def _pong(conn: Connection, node: Node, payload: bytes) -> None:
+def _pong(conn: Connection, node: Node, payload: bytes) -> None:
     """A PONG confirms every frame written before its PING (TCP delivers in order)."""
     conn.awaiting_pong = False
     try:
@@ -376,4 +378,21 @@ async def _pong(conn: Connection, node: Node, payload: bytes) -> None:
     for older in [s for s in conn.ping_marks if s < seq]:
         del conn.ping_marks[older]
     if mark is not None:  # even at offset 0 it confirms the kept personal messages written before the PING
-        await node.confirm(conn, mark)
+        node.confirm(conn, mark)
+
+
+async def close_sockets(app: web.Application) -> None:
+    """On shutdown, close what is still open (`service_restart`) and give the close handshakes a bounded time:
+    aiohttp's own shutdown no longer sees these connections."""
+    state = app[STATE]
+    for ws in list(state.sockets):
+        if ws.conn is not None:
+            ws.conn.close(CloseReason.SERVICE_RESTART)
+        else:
+            ws.close(CloseReason.SERVICE_RESTART)
+    if state.sockets:
+        state.all_closed = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.all_closed.wait(), SHUTDOWN_WAIT)
+    for ws in list(state.sockets):
+        ws.abort()
