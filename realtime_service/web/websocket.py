@@ -116,16 +116,20 @@ class _Frames(WebSocketDataQueue):
     def __init__(self, socket: WebSocket) -> None:
         # No super().__init__(): its deque and bound methods (about 700 bytes) would never be used. The parser
         # reads only `_size` and `_limit`, both 0 here, so it never stalls.
-        self.socket = socket
+        self.socket: WebSocket | None = socket
 
     def feed_data(self, data: WSMessage | WSMessageTextBytes, size: int) -> None:
-        self.socket.message(cast(WSMessage, data))  # decode_text=True: text arrives as str
+        socket = self.socket
+        if socket is not None:
+            socket.message(cast(WSMessage, data))  # decode_text=True: text arrives as str
 
     def feed_eof(self) -> None:
         pass  # the protocol learns of the end itself (eof_received, connection_lost)
 
     def set_exception(self, exc: BaseException, exc_cause: BaseException | None = None) -> None:
-        self.socket.failed(exc)
+        socket = self.socket
+        if socket is not None:
+            socket.failed(exc)
 
 
 class Flusher:
@@ -457,6 +461,11 @@ class WebSocket(BaseProtocol):
                     await asyncio.wait_for(self._peer_close, SILENT_PEER_CLOSE if silent else CLOSE_HANDSHAKE)
                 self._peer_close = None
         self.abort_later()
+        # Nothing of it is needed any more: break the cycles (parser <-> protocol, protocol <-> reader, writer),
+        # so reference counting frees it all now, not the cycle collector some day (issue 9's soak memory).
+        self._frames.socket = None
+        self.live = None
+        self._writer = None
 
     def abort_later(self) -> None:
         transport = self.transport
