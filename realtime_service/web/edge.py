@@ -24,7 +24,6 @@ from realtime_service.web.state import STATE
 log = logging.getLogger("realtime.http")
 
 SWEEP_EVERY = 1.0  # seconds between looks for connections past their head deadline (at most this late)
-PRUNE_EVERY = 30  # sweeps between forgetting connections that closed
 SHUTDOWN_TIMEOUT = 2.0
 LINGER = 2.0  # seconds aiohttp reads (and drops) the unread rest of a body after answering (its default: 10)
 
@@ -85,8 +84,9 @@ class HeadDeadline:
                 first_seen[handler] = seen
         self._first_seen = first_seen
         self._sweeps += 1
-        if self._sweeps % PRUNE_EVERY == 0:  # forget closed connections now and then, not on every sweep
-            self._served = served.intersection(connections)
+        # Forget connections aiohttp no longer holds (closed, or WebSockets the service took over) at every
+        # sweep: this set would otherwise keep their request handlers alive (about 2 KB each).
+        self._served = served.intersection(connections)
         if closed and self._on_close is not None:
             self._on_close(closed)
         return closed
