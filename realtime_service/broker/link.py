@@ -123,8 +123,7 @@ class PubSubLink:
                     self._down_since = loop.time()
                 if session is not None and not session.done():
                     session.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await session
+                    await _reap(session)
                 with contextlib.suppress(Exception):
                     await conn.disconnect()
             self._events("reconnect", "")
@@ -155,8 +154,7 @@ class PubSubLink:
                 self._queue.put_nowait(("PING", ""))
             if ticks % verify_every == 0:
                 await self._feeds_verify()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await session
+        await _reap(session)
         if session.cancelled() or session.exception() is not None:
             exc = None if session.cancelled() else session.exception()
             log.warning("broker pub/sub connection lost (%s); reconnecting",
@@ -193,8 +191,7 @@ class PubSubLink:
         finally:
             for task in (reader, writer):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await _reap(task)
 
     async def _read(self, conn: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -252,3 +249,16 @@ class PubSubLink:
             self._feeds.arrive(diagnosis_id, int(offset), epoch.decode(), exclude.decode() or None, body)
         except ValueError:
             log.warning("broker pub/sub: a malformed message on %r was dropped", channel)
+
+
+async def _reap(task: asyncio.Task[Any]) -> None:
+    """Wait for a child task that ended or was cancelled, whatever it raised, but let this task's own
+    cancellation through: swallowing it kept `stop()` waiting while the link reconnected (seen at shutdown)."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:
+        pass
