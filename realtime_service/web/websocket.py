@@ -4,8 +4,8 @@ aiohttp parses the upgrade request, runs the middleware and routes it; the handl
 writes the 101 itself and takes the socket over (`hijack`): the transport's protocol becomes a `WebSocket`,
 and aiohttp forgets the connection, so its request handler, the parsed request and headers, the handler's
 tasks and the WebSocketResponse with its message queue are freed once the handler returns. What stays per
-connection is this protocol object, aiohttp's frame parser (the C one) and the core's `Connection`: about half
-of what a live aiohttp WebSocket holds (issue 11).
+connection is this protocol object, aiohttp's frame parser (the C one) and the core's `Connection`: about a
+quarter of what a live aiohttp WebSocket held (issue 11; tests/bench/README.md has the breakdown).
 
 Frames are pushed, not pulled: the parser hands each client message to `on_message` during `data_received`, so
 a live connection has no task of its own. Before it is live (waiting for the `auth` frame, while it is admitted
@@ -184,7 +184,7 @@ class WebSocket(BaseProtocol):
         # With permessage-deflate each message is deflated per connection by aiohttp's writer; without it (the
         # default) frames framed once per broadcast are written as they are.
         self._writer: WebSocketWriter | None = None
-        self._shake = shake
+        self._shake: Handshake | None = shake
         self._told = False  # `live` was told the connection ended
         self.conn: Connection | None = None
         self.live: Reader | None = None
@@ -203,8 +203,8 @@ class WebSocket(BaseProtocol):
     # -- asyncio protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
-        shake = self._shake
-        if shake.compress:
+        shake, self._shake = self._shake, None  # the 101 head is written once: keep no copy per connection
+        if shake is not None and shake.compress:
             self._writer = WebSocketWriter(self, self.transport, compress=shake.compress,
                                            notakeover=shake.notakeover)
 
